@@ -1,0 +1,43 @@
+# Two commands matter: `make book` and `make test`. Both start from nothing: they create .venv
+# and install the pinned dependencies (requirements-lock.txt) plus this package, editable.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+
+.PHONY: setup test lint book book-clean bench tiny-vae tiny-weights data clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements-lock.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements-lock.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (opensora)" >/dev/null
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check opensora tests
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q --durations=15
+
+# Execute every notebook of _toc.yml (cached: unchanged notebooks are not re-run) and build
+# the HTML book into _build/html. Any cell error fails the build.
+book: $(STAMP)
+	$(VENV)/bin/jupyter-book build . --builder html -W --keep-going
+
+book-clean:
+	rm -rf _build
+
+bench: $(STAMP)
+	for script in tests/benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+# Regenerate the sample clips and the caption tokenizer (seeded: identical output).
+data: $(STAMP)
+	$(PY) -m opensora.data.synthetic --out data_samples --tokenizer
+
+clean:
+	rm -rf _build .pytest_cache .ruff_cache runs

@@ -1,0 +1,1 @@
+"""Data: synthetic clips, video I/O and datasets."""

@@ -1,0 +1,139 @@
+"""Run a notebook as a job: parameters in, an executed notebook and its files out.
+
+Every chapter is also a tool. `python -m opensora.jobs notebooks/06_training.ipynb -p steps 2000
+-o runs/train` trains for real; the same call with `--ci` runs the small configuration the
+tests use. Parameters the notebook does not declare are refused, so a typo cannot silently
+run the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class JobError(RuntimeError):
+    """The job could not start (bad parameters) or a cell failed while it ran."""
+
+
+@dataclass
+class JobResult:
+    notebook: Path  # the executed copy, with outputs
+    output_dir: Path
+    seconds: float
+
+
+def declared_parameters(notebook: str | Path) -> dict[str, Any]:
+    """Names (and default values where they are literals) assigned in the `parameters` cell."""
+    nb = _read_notebook(notebook)
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
+            source = "".join(cell["source"])
+            names: dict[str, Any] = {}
+            for node in ast.parse(source).body:
+                targets = node.targets if isinstance(node, ast.Assign) else (
+                    [node.target] if isinstance(node, ast.AnnAssign) else [])
+                for target in targets:
+                    if isinstance(target, ast.Name):
+                        try:
+                            names[target.id] = ast.literal_eval(node.value)
+                        except (ValueError, SyntaxError, TypeError):
+                            names[target.id] = ast.unparse(node.value)
+            return names
+    raise JobError(f"{notebook}: no code cell tagged 'parameters'")
+
+
+def ci_parameters(notebook: str | Path) -> dict[str, Any]:
+    """The small configuration the test suite runs (notebook metadata `opensora.ci_parameters`)."""
+    return dict(_read_notebook(notebook).get("metadata", {}).get("opensora", {})
+                .get("ci_parameters", {}))
+
+
+def _read_notebook(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"notebook not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise JobError(f"{path}: not a valid notebook ({exc})") from exc
+
+
+def parse_value(text: str) -> Any:
+    """`-p steps 100` gives an int, `-p prompts '["a", "b"]'` a list, anything else a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def run_notebook(notebook: str | Path, parameters: Mapping[str, Any] | None = None,
+                 output_dir: str | Path | None = None, ci: bool = False,
+                 timeout: int | None = None, progress: bool = False) -> JobResult:
+    """Execute `notebook` with papermill, writing the executed copy into `output_dir`.
+
+    If the notebook declares an `output_dir` parameter it receives the same folder, so files
+    the notebook writes land beside the executed notebook. Raises `JobError` naming the failing
+    cell's exception; the executed copy (with the error) is kept for inspection.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    notebook = Path(notebook)
+    declared = declared_parameters(notebook)
+    params = {**(ci_parameters(notebook) if ci else {}), **(parameters or {})}
+    unknown = sorted(set(params) - set(declared))
+    if unknown:
+        raise JobError(f"{notebook.name} does not declare parameter(s) {unknown}; "
+                       f"it declares {sorted(declared)}")
+    output_dir = Path(output_dir or Path("runs") / notebook.stem).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if "output_dir" in declared and "output_dir" not in params:
+        params["output_dir"] = str(output_dir)
+    executed = output_dir / notebook.name
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(notebook), str(executed), parameters=params,
+                                   kernel_name="python3", progress_bar=progress,
+                                   execution_timeout=timeout, cwd=None)
+    except PapermillExecutionError as exc:
+        raise JobError(f"{notebook.name} failed in cell {exc.exec_count}: "
+                       f"{exc.ename}: {exc.evalue}\n(executed copy: {executed})") from None
+    return JobResult(executed, output_dir, time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m opensora.jobs", description="Run a notebook as a papermill job.")
+    parser.add_argument("notebook")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[],
+                        metavar=("NAME", "VALUE"), help="set a parameter (repeatable)")
+    parser.add_argument("-o", "--output-dir", help="folder for the executed notebook and files")
+    parser.add_argument("--ci", action="store_true", help="start from the notebook's CI parameters")
+    parser.add_argument("--timeout", type=int, default=None, help="seconds per cell")
+    parser.add_argument("--list", action="store_true", help="print the declared parameters")
+    args = parser.parse_args(argv)
+    try:
+        if args.list:
+            for name, value in declared_parameters(args.notebook).items():
+                print(f"{name} = {value!r}")
+            return 0
+        params = {name: parse_value(value) for name, value in args.parameter}
+        result = run_notebook(args.notebook, params, args.output_dir, ci=args.ci,
+                              timeout=args.timeout, progress=True)
+    except JobError as exc:
+        print(f"job failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"done in {result.seconds:.1f}s: {result.notebook}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Models: VAE, T5, STDiT, STDiT2 and their layers."""

@@ -1,0 +1,69 @@
+"""The job runner: parameters in, executed notebook and files out, clear failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from opensora import jobs
+
+
+def _notebook(path: Path, body: str, ci: dict | None = None) -> Path:
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("n = 2\nword = 'hi'\noutput_dir = 'runs/x'")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell("# test"), params, nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    if ci:
+        nb.metadata["opensora"] = {"ci_parameters": ci}
+    nbformat.write(nb, path)
+    return path
+
+
+WRITE = ("from pathlib import Path\n"
+         "Path(output_dir, 'result.txt').write_text(word * n)\n"
+         "print('wrote', n)")
+
+
+def test_declared_parameters_and_values(tmp_path: Path) -> None:
+    path = _notebook(tmp_path / "nb.ipynb", "pass", ci={"n": 1})
+    assert jobs.declared_parameters(path) == {"n": 2, "word": "hi", "output_dir": "runs/x"}
+    assert jobs.ci_parameters(path) == {"n": 1}
+    assert jobs.parse_value("3") == 3 and jobs.parse_value("[1, 2]") == [1, 2]
+    assert jobs.parse_value("tiny") == "tiny"
+
+
+def test_run_writes_into_output_dir(tmp_path: Path) -> None:
+    path = _notebook(tmp_path / "nb.ipynb", WRITE, ci={"n": 1})
+    result = jobs.run_notebook(path, {"word": "ab"}, tmp_path / "out", ci=True)
+    assert (tmp_path / "out" / "result.txt").read_text() == "ab"
+    executed = json.loads(result.notebook.read_text())
+    assert any("wrote 1" in "".join(o.get("text", "")) for c in executed["cells"]
+               for o in c.get("outputs", []))
+
+
+def test_undeclared_parameter_is_refused(tmp_path: Path) -> None:
+    path = _notebook(tmp_path / "nb.ipynb", "pass")
+    with pytest.raises(jobs.JobError, match=r"does not declare parameter\(s\) \['nn'\]"):
+        jobs.run_notebook(path, {"nn": 3}, tmp_path / "out")
+
+
+def test_failure_names_the_error_and_keeps_the_executed_copy(tmp_path: Path) -> None:
+    path = _notebook(tmp_path / "nb.ipynb", "raise ValueError('bad input ' + word)")
+    with pytest.raises(jobs.JobError, match="ValueError: bad input hi"):
+        jobs.run_notebook(path, output_dir=tmp_path / "out")
+    assert (tmp_path / "out" / "nb.ipynb").is_file()
+
+
+def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    good = _notebook(tmp_path / "good.ipynb", WRITE)
+    assert jobs.main([str(good), "-p", "n", "3", "-o", str(tmp_path / "g")]) == 0
+    assert (tmp_path / "g" / "result.txt").read_text() == "hihihi"
+    bad = _notebook(tmp_path / "bad.ipynb", "1/0")
+    assert jobs.main([str(bad), "-o", str(tmp_path / "b")]) == 1
+    assert "ZeroDivisionError" in capsys.readouterr().err
+    assert jobs.main([str(tmp_path / "none.ipynb")]) == 1
