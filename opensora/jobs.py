@@ -13,7 +13,7 @@ import ast
 import json
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,24 +30,63 @@ class JobResult:
     seconds: float
 
 
-def declared_parameters(notebook: str | Path) -> dict[str, Any]:
-    """Names (and default values where they are literals) assigned in the `parameters` cell."""
+@dataclass(frozen=True)
+class Parameter:
+    """One assignment of a notebook's `parameters` cell."""
+
+    name: str
+    default: Any  # the literal value, or its source text when it is not a literal
+    comment: str  # the trailing `# ...` on its line: the parameter's documentation
+
+
+def notebook_parameters(notebook: str | Path) -> list[Parameter]:
+    """The parameters cell, read without running it: names, defaults and their comments."""
     nb = _read_notebook(notebook)
     for cell in nb["cells"]:
         if cell["cell_type"] == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
             source = "".join(cell["source"])
-            names: dict[str, Any] = {}
+            lines = source.splitlines()
+            found = []
             for node in ast.parse(source).body:
                 targets = node.targets if isinstance(node, ast.Assign) else (
                     [node.target] if isinstance(node, ast.AnnAssign) else [])
                 for target in targets:
-                    if isinstance(target, ast.Name):
-                        try:
-                            names[target.id] = ast.literal_eval(node.value)
-                        except (ValueError, SyntaxError, TypeError):
-                            names[target.id] = ast.unparse(node.value)
-            return names
+                    if not isinstance(target, ast.Name):
+                        continue
+                    try:
+                        default = ast.literal_eval(node.value)
+                    except (ValueError, SyntaxError, TypeError):
+                        default = ast.unparse(node.value)
+                    rest = lines[node.end_lineno - 1][node.end_col_offset:]
+                    comment = rest.split("#", 1)[1].strip() if "#" in rest else ""
+                    found.append(Parameter(target.id, default, comment))
+            return found
     raise JobError(f"{notebook}: no code cell tagged 'parameters'")
+
+
+def declared_parameters(notebook: str | Path) -> dict[str, Any]:
+    """Names (and default values where they are literals) assigned in the `parameters` cell."""
+    return {p.name: p.default for p in notebook_parameters(notebook)}
+
+
+def toc_notebooks(root: str | Path) -> list[Path]:
+    """The notebooks of the book, in `_toc.yml` order (prose pages left out)."""
+    import yaml
+
+    root = Path(root)
+
+    def walk(node: Any) -> Iterator[str]:
+        if isinstance(node, dict):
+            if "file" in node:
+                yield node["file"]
+            for value in node.values():
+                yield from walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                yield from walk(item)
+
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+    return [root / f"{f}.ipynb" for f in walk(toc) if (root / f"{f}.ipynb").is_file()]
 
 
 def ci_parameters(notebook: str | Path) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Every notebook in the book runs headless under papermill with its CI parameters.
 
-Later chapters join by being listed in _toc.yml; nothing here names them.
+Later chapters join by being listed in _toc.yml; nothing here names them. The notebooks are
+executed once per session by the `executed_book` fixture (conftest.py).
 """
 
 from __future__ import annotations
@@ -9,30 +10,11 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
-from opensora.jobs import run_notebook
+from opensora.jobs import toc_notebooks
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def toc_notebooks() -> list[Path]:
-    def walk(node):
-        if isinstance(node, dict):
-            if "file" in node:
-                yield node["file"]
-            for value in node.values():
-                yield from walk(value)
-        elif isinstance(node, list):
-            for item in node:
-                yield from walk(item)
-
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files = [ROOT / f"{f}.ipynb" for f in walk(toc) if (ROOT / f"{f}.ipynb").is_file()]
-    return files
-
-
-NOTEBOOKS = toc_notebooks()
+NOTEBOOKS = toc_notebooks(ROOT)
 
 
 def test_toc_lists_notebooks() -> None:
@@ -50,9 +32,12 @@ def test_notebook_is_committed_clean(notebook: Path) -> None:
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_with_ci_parameters(notebook: Path, tmp_path: Path) -> None:
-    result = run_notebook(notebook, output_dir=tmp_path, ci=True, timeout=600)
+def test_notebook_runs_with_ci_parameters(notebook: Path, executed_book) -> None:
+    result = executed_book.result(notebook.stem)  # raises the cell's error if it failed
     executed = json.loads(result.notebook.read_text())
     errors = [o for c in executed["cells"] for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
     assert not errors
+    images = [o for c in executed["cells"] for o in c.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    assert images, "every chapter shows at least one figure"

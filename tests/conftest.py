@@ -1,0 +1,53 @@
+"""Shared fixtures: every notebook of the book is executed once per test session (with its CI
+parameters) into a copy of the book, which the notebook tests inspect and the book test builds."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from opensora.jobs import JobError, JobResult, run_notebook, toc_notebooks
+
+ROOT = Path(__file__).resolve().parent.parent
+BOOK_SOURCES = ("book", "notebooks", "_config.yml", "_toc.yml")
+
+
+@dataclass
+class ExecutedBook:
+    root: Path  # a copy of the book sources whose notebooks hold their executed outputs
+    results: dict[str, JobResult | JobError] = field(default_factory=dict)
+
+    def result(self, name: str) -> JobResult:
+        outcome = self.results[name]
+        if isinstance(outcome, JobError):
+            raise outcome
+        return outcome
+
+
+@pytest.fixture(scope="session")
+def executed_book(tmp_path_factory: pytest.TempPathFactory) -> ExecutedBook:
+    root = tmp_path_factory.mktemp("book")
+    for name in BOOK_SOURCES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("runs", ".*"))
+        else:
+            shutil.copy2(source, root / name)
+    config = yaml.safe_load((root / "_config.yml").read_text())
+    config["execute"]["execute_notebooks"] = "auto"  # run only what has no outputs (book/jobs.md)
+    (root / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    book = ExecutedBook(root)
+    for notebook in toc_notebooks(root):
+        try:
+            result = run_notebook(notebook, output_dir=root / "runs" / notebook.stem, ci=True,
+                                  timeout=900)
+        except JobError as exc:
+            book.results[notebook.stem] = exc
+            continue
+        shutil.copy2(result.notebook, notebook)
+        book.results[notebook.stem] = result
+    return book
