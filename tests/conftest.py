@@ -3,6 +3,7 @@ parameters) into a copy of the book, which the notebook tests inspect and the bo
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ class ExecutedBook:
 
 @pytest.fixture(scope="session")
 def executed_book(tmp_path_factory: pytest.TempPathFactory) -> ExecutedBook:
+    os.environ.pop("MPLBACKEND", None)  # kernels must draw inline, whatever the shell set
     root = tmp_path_factory.mktemp("book")
     for name in BOOK_SOURCES:
         source = ROOT / name
