@@ -47,10 +47,10 @@ PRESETS: dict[str, Preset] = {
         model_type="STDiT2",
         model=dict(
             input_size=(None, None, None),
-            input_sq_size=16,
+            input_sq_size=64,  # pixel side the positions are calibrated for (512 in 1.1)
             in_channels=4,
             patch_size=(1, 2, 2),
-            hidden_size=128,
+            hidden_size=96,  # STDiT2 needs a multiple of 3 (size embedders) and of 4 (2D pos)
             depth=4,
             num_heads=4,
             mlp_ratio=4.0,
@@ -70,6 +70,100 @@ PRESETS: dict[str, Preset] = {
         model_max_length=16,
     ),
 }
+
+# DiT-S-sized STDiT2 on the tiny VAE / T5: for benchmarks and longer CPU runs.
+PRESETS["small"] = replace(
+    PRESETS["tiny"],
+    name="small",
+    model=dict(PRESETS["tiny"].model, input_sq_size=128, hidden_size=384, depth=12, num_heads=6),
+    model_path=None,
+    image_size=(128, 128),
+)
+
+# The published Open-Sora shapes; weights (and the SD VAE / T5-XXL) are passed as paths.
+PRESETS["STDiT-XL/2"] = Preset(
+    name="STDiT-XL/2",
+    model_type="STDiT",
+    model=dict(
+        input_size=(16, 64, 64),  # 16 x 512 x 512 video through the 8x VAE
+        in_channels=4,
+        patch_size=(1, 2, 2),
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        mlp_ratio=4.0,
+        class_dropout_prob=0.1,
+        pred_sigma=True,
+        caption_channels=4096,
+        model_max_length=120,
+        space_scale=1.0,
+        time_scale=1.0,
+    ),
+    vae_path=None,
+    t5_path=None,
+    tokenizer_path=None,
+    model_path=None,
+    num_frames=16,
+    image_size=(512, 512),
+    fps=8,
+    frame_interval=3,
+    model_max_length=120,
+)
+
+PRESETS["STDiT2-XL/2"] = Preset(
+    name="STDiT2-XL/2",
+    model_type="STDiT2",
+    model=dict(
+        input_size=(None, None, None),
+        input_sq_size=512,
+        in_channels=4,
+        patch_size=(1, 2, 2),
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        mlp_ratio=4.0,
+        class_dropout_prob=0.1,
+        pred_sigma=True,
+        caption_channels=4096,
+        model_max_length=200,
+        qk_norm=True,
+    ),
+    vae_path=None,
+    t5_path=None,
+    tokenizer_path=None,
+    model_path=None,
+    num_frames=16,
+    image_size=(512, 512),
+    fps=24,
+    model_max_length=200,
+)
+
+
+def build_model(preset: Preset | str, checkpoint: str | Path | None = None, **overrides: Any):
+    """The preset's diffusion transformer: from `checkpoint` (or the preset's `model_path`) when
+    one is given and exists, otherwise freshly initialised. `overrides` go to the constructor
+    (e.g. attn_backend, enable_recompute)."""
+    from opensora.models.stdit import STDiT
+    from opensora.models.stdit2 import STDiT2
+
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    model_cls = {"STDiT": STDiT, "STDiT2": STDiT2}[preset.model_type]
+    path = Path(checkpoint) if checkpoint else preset.model_path
+    if checkpoint and not Path(checkpoint).exists():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    if path is not None and path.exists():
+        return model_cls.from_pretrained(path, **overrides)
+    return model_cls(**{**preset.model, **overrides})
+
+
+def count_model_parameters(preset: Preset | str) -> int:
+    """Parameter count of the preset's transformer from its shapes alone (nothing allocated)."""
+    from opensora.models.stdit import count_stdit_parameters
+    from opensora.models.stdit2 import count_stdit2_parameters
+
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    count = count_stdit2_parameters if preset.model_type == "STDiT2" else count_stdit_parameters
+    return count(**preset.model)
 
 
 def get_preset(name: str) -> Preset:

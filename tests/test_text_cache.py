@@ -8,13 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from opensora.data.text_cache import (
-    cache_path,
-    cache_text_embeddings,
-    load_text_embedding,
-    main,
-    read_caption_rows,
-)
+from opensora.data.cache_files import cache_path, load_text_embedding
+from opensora.data.text_cache import cache_text_embeddings, main, read_caption_rows
 from opensora.models.text_encoder import T5Encoder
 from opensora.presets import get_preset
 

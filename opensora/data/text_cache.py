@@ -22,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from opensora.checkpoint import save_npz_atomic
+from opensora.data.cache_files import cache_path
 from opensora.models.text_encoder import T5Encoder
 
 
@@ -30,26 +31,6 @@ class CacheReport:
     written: int
     skipped: int
     out_dir: Path
-
-
-def cache_path(out_dir: str | os.PathLike, video: str, csv_dir: Path | None = None) -> Path:
-    """Where the embedding of `video` (a path as written in the csv) is stored."""
-    relative = Path(video)
-    if relative.is_absolute():
-        if csv_dir is not None and relative.is_relative_to(csv_dir.resolve()):
-            relative = relative.relative_to(csv_dir.resolve())
-        else:
-            relative = Path(*relative.parts[1:])
-    return Path(out_dir) / relative.with_suffix(".npz")
-
-
-def load_text_embedding(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """(y (L, C) float32, mask (L,) int32) from a cache file."""
-    with np.load(path) as data:
-        missing = {"y", "mask"} - set(data.files)
-        if missing:
-            raise ValueError(f"{path}: not a text-embedding cache file (missing {sorted(missing)})")
-        return data["y"].astype(np.float32), data["mask"].astype(np.int32)
 
 
 def read_caption_rows(csv_path: str | os.PathLike, video_column: str = "video",

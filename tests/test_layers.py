@@ -1,0 +1,216 @@
+"""STDiT building blocks against independent numpy formulas and the properties they promise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+import pytest
+
+from opensora.models.layers import (
+    Attention,
+    CaptionEmbedder,
+    LayerNorm,
+    MultiHeadCrossAttention,
+    PatchEmbed3D,
+    PositionEmbedding2D,
+    RotaryEmbedding,
+    SizeEmbedder,
+    T2IFinalLayer,
+    TimestepEmbedder,
+    get_1d_sincos_pos_embed,
+    get_2d_sincos_pos_embed,
+    sincos_1d,
+)
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+RNG = np.random.default_rng(0)
+
+
+def _t(a) -> ms.Tensor:
+    return ms.Tensor(np.asarray(a, dtype=np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# position embeddings
+
+
+def test_2d_pos_embed_matches_open_sora_reference_case() -> None:
+    case = np.load(REFERENCE / "stdit2_case_plain.npz")
+    # the case: 128 x 128 video, input_sq_size 128, 8 x 8 patch grid
+    got = PositionEmbedding2D(96)(8, 8, 1.0, 8).asnumpy()
+    np.testing.assert_allclose(got, case["pos_emb"], atol=1e-5)
+
+
+@pytest.mark.parametrize(("grid", "scale", "base_size"), [((3, 5), 1.0, None), ((4, 6), 2.5, 5),
+                                                          ((7, 7), 0.5, 7)])
+def test_2d_pos_embed_ops_equal_numpy(grid, scale, base_size) -> None:
+    expected = get_2d_sincos_pos_embed(32, grid, scale=scale, base_size=base_size)
+    got = PositionEmbedding2D(32)(grid[0], grid[1], _t(scale), base_size).asnumpy()[0]
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_2d_pos_embed_layout() -> None:
+    """First half of the channels encodes the column, second half the row; sin before cos."""
+    emb = get_2d_sincos_pos_embed(8, (2, 3))  # rows = 2, cols = 3
+    cols = np.tile(np.arange(3), 2)
+    rows = np.repeat(np.arange(2), 3)
+    np.testing.assert_allclose(emb[:, 0], np.sin(cols), atol=1e-7)
+    np.testing.assert_allclose(emb[:, 2], np.cos(cols), atol=1e-7)
+    np.testing.assert_allclose(emb[:, 4], np.sin(rows), atol=1e-7)
+    # base_size stretches any grid to span the same range of positions
+    stretched = get_2d_sincos_pos_embed(8, (4, 4), base_size=2)
+    np.testing.assert_allclose(stretched[3, 0], np.sin(1.5), atol=1e-7)
+
+
+def test_1d_temporal_embed() -> None:
+    emb = get_1d_sincos_pos_embed(6, 4, scale=2.0)
+    omega = 1.0 / 10000 ** (np.arange(3) / 3)
+    pos = np.arange(4)[:, None] / 2.0
+    np.testing.assert_allclose(emb, np.concatenate([np.sin(pos * omega), np.cos(pos * omega)], 1))
+    np.testing.assert_allclose(sincos_1d(4, 6, 2.0).asnumpy()[0], emb, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# rotary embedding
+
+
+def _numpy_rope(x: np.ndarray, theta: float = 10000.0) -> np.ndarray:
+    """rotary_embedding_torch's rotate_queries_or_keys, interleaved pairs, positions 0..N-1."""
+    dim, seq = x.shape[-1], x.shape[-2]
+    freqs = 1.0 / theta ** (np.arange(0, dim, 2) / dim)
+    angles = np.repeat(np.arange(seq)[:, None] * freqs[None], 2, axis=-1)
+    pairs = x.reshape(*x.shape[:-1], dim // 2, 2)
+    rotated = np.stack([-pairs[..., 1], pairs[..., 0]], -1).reshape(x.shape)
+    return x * np.cos(angles) + rotated * np.sin(angles)
+
+
+def test_rope_matches_rotary_embedding_torch_formula() -> None:
+    x = RNG.standard_normal((2, 3, 7, 12)).astype(np.float32)
+    rope = RotaryEmbedding(12)
+    assert rope.freqs.shape == (6,) and not rope.freqs.requires_grad
+    np.testing.assert_allclose(rope(_t(x)).asnumpy(), _numpy_rope(x), atol=1e-5)
+
+
+def test_rope_depends_on_relative_position_only() -> None:
+    rope = RotaryEmbedding(8)
+    q = np.tile(RNG.standard_normal((1, 8)), (10, 1)).astype(np.float32)  # same vector each frame
+    k = np.tile(RNG.standard_normal((1, 8)), (10, 1)).astype(np.float32)
+    rq, rk = rope(_t(q)).asnumpy(), rope(_t(k)).asnumpy()
+    logits = rq @ rk.T
+    for offset in (-3, 0, 2):
+        diagonal = np.diagonal(logits, offset)
+        np.testing.assert_allclose(diagonal, diagonal[0], atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(rq, axis=1), np.linalg.norm(q, axis=1), rtol=1e-5)
+    with pytest.raises(ValueError, match="even"):
+        RotaryEmbedding(7)
+
+
+# ---------------------------------------------------------------------------------------------
+# patch embedding, norms, embedders
+
+
+def test_patch_embed_equals_strided_conv3d() -> None:
+    layer = PatchEmbed3D((1, 2, 2), 3, 5)
+    x = RNG.standard_normal((2, 3, 2, 4, 6)).astype(np.float32)
+    w, b = layer.proj.weight.asnumpy(), layer.proj.bias.asnumpy()
+    patches = x.reshape(2, 3, 2, 1, 2, 2, 3, 2)  # b c t pt h ph w pw
+    conv = np.einsum("bctuhpwq,ecupq->bethw", patches, w) + b[None, :, None, None, None]
+    expected = conv.reshape(2, 5, -1).transpose(0, 2, 1)
+    np.testing.assert_allclose(layer(_t(x)).asnumpy(), expected, atol=1e-5)
+
+
+def test_patch_embed_pads_like_open_sora() -> None:
+    layer = PatchEmbed3D((1, 2, 2), 3, 5)
+    x = RNG.standard_normal((1, 3, 1, 3, 5)).astype(np.float32)
+    padded = np.zeros((1, 3, 1, 4, 6), np.float32)
+    padded[..., :3, :5] = x
+    np.testing.assert_allclose(layer(_t(x)).asnumpy(), layer(_t(padded)).asnumpy(), atol=1e-6)
+
+
+def test_layernorm_without_affine_has_no_parameters() -> None:
+    x = RNG.standard_normal((2, 4, 6)).astype(np.float32)
+    norm = LayerNorm(6, eps=1e-6, affine=False)
+    assert list(norm.parameters_and_names()) == []
+    expected = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(norm(_t(x)).asnumpy(), expected, atol=1e-5)
+    assert [n for n, _ in LayerNorm(6).parameters_and_names()] == ["weight", "bias"]
+
+
+def test_timestep_embedding_puts_cos_first() -> None:
+    emb = TimestepEmbedder(4, frequency_embedding_size=8)
+    t = np.array([0.0, 3.0, 999.0], np.float32)
+    freqs = np.exp(-np.log(10000) * np.arange(4) / 4)
+    args = t[:, None] * freqs[None]
+    expected = np.concatenate([np.cos(args), np.sin(args)], 1)
+    np.testing.assert_allclose(emb.timestep_embedding(_t(t)).asnumpy(), expected, atol=1e-4)
+    assert emb(_t(t)).shape == (3, 4)
+    assert [n for n, _ in emb.parameters_and_names()] == [
+        "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"]
+
+
+def test_size_embedder_embeds_each_value_and_repeats_batch() -> None:
+    emb = SizeEmbedder(6)
+    hw = _t([[64.0, 32.0]])
+    out = emb(hw, 3).asnumpy()
+    assert out.shape == (3, 12)
+    single = emb(_t([[32.0]]), 1).asnumpy()
+    np.testing.assert_allclose(out[2, 6:], single[0], atol=1e-6)  # second value = width
+    with pytest.raises(ValueError, match="does not divide"):
+        emb(_t([[1.0], [2.0]]), 3)
+
+
+def test_caption_embedder_drops_to_learned_null_caption() -> None:
+    emb = CaptionEmbedder(8, 12, uncond_prob=0.1, token_num=5)
+    caption = RNG.standard_normal((3, 1, 5, 8)).astype(np.float32)
+    forced = emb(_t(caption), False, ms.Tensor(np.array([1, 0, 1]))).asnumpy()
+    null = emb(emb.y_embedding.value()[None, None], False).asnumpy()
+    np.testing.assert_allclose(forced[0], null[0], atol=1e-6)
+    np.testing.assert_allclose(forced[2], null[0], atol=1e-6)
+    np.testing.assert_allclose(forced[1], emb(_t(caption[1:2]), False).asnumpy()[0], atol=1e-6)
+    assert not emb.y_embedding.requires_grad
+    always = CaptionEmbedder(8, 12, uncond_prob=1.0, token_num=5)
+    always.y_embedding.set_data(emb.y_embedding.value())
+    always.y_proj = emb.y_proj
+    np.testing.assert_allclose(always(_t(caption), True).asnumpy(),
+                               np.broadcast_to(null, forced.shape), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention layers and final layer
+
+
+def test_attention_qk_norm_normalises_each_head() -> None:
+    layer = Attention(16, num_heads=2, qkv_bias=True, qk_norm=True)
+    names = [n for n, _ in layer.parameters_and_names()]
+    assert names == ["qkv.weight", "qkv.bias", "q_norm.weight", "k_norm.weight", "proj.weight",
+                     "proj.bias"]
+    q, k, _ = layer.qkv_heads(_t(RNG.standard_normal((2, 5, 16)) * 50))
+    rms = np.sqrt((q.asnumpy() ** 2).mean(-1))
+    np.testing.assert_allclose(rms, 1.0, atol=1e-3)
+    assert "q_norm.weight" not in [n for n, _ in Attention(16, 2).parameters_and_names()]
+
+
+def test_cross_attention_mask_equals_dropping_padding_tokens() -> None:
+    layer = MultiHeadCrossAttention(16, 4)
+    x = _t(RNG.standard_normal((2, 6, 16)))
+    cond = RNG.standard_normal((2, 7, 16)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0, 0, 0], [1] * 7])
+    out = layer(x, _t(cond), ms.Tensor(mask)).asnumpy()
+    first = layer(x[:1], _t(cond[:1, :3]), None).asnumpy()
+    np.testing.assert_allclose(out[:1], first, atol=1e-5)
+    np.testing.assert_allclose(out[1:], layer(x[1:], _t(cond[1:]), None).asnumpy(), atol=1e-5)
+
+
+def test_final_layer_x_mask_all_true_is_plain() -> None:
+    layer = T2IFinalLayer(8, 4, 2)
+    x, t = _t(RNG.standard_normal((2, 6, 8))), _t(RNG.standard_normal((2, 8)))
+    t0 = _t(RNG.standard_normal((2, 8)))
+    plain = layer(x, t).asnumpy()
+    all_true = ms.Tensor(np.ones((2, 3), bool))
+    np.testing.assert_allclose(layer(x, t, all_true, t0, 3, 2).asnumpy(), plain, atol=1e-6)
+    some_false = ms.Tensor(np.array([[True, False, True], [True, True, True]]))
+    mixed = layer(x, t, some_false, t0, 3, 2).asnumpy()
+    np.testing.assert_allclose(mixed[0, :2], plain[0, :2], atol=1e-6)  # frame 0 generated
+    assert np.abs(mixed[0, 2:4] - plain[0, 2:4]).max() > 1e-3  # frame 1 uses t0

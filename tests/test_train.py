@@ -1,0 +1,174 @@
+"""Training: the loss falls, resume is exact, corrupt checkpoints fall back, bad rows skipped."""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from opensora.data.dataset import VideoCaptionDataset
+from opensora.models.stdit2 import STDiT2
+from opensora.schedulers.iddpm import IDDPM
+from opensora.train import (
+    Callback,
+    LossHistory,
+    Trainer,
+    TrainStep,
+    checkpoint_dirs,
+    read_loss_csv,
+    seed_everything,
+)
+
+TINY = dict(input_sq_size=8, in_channels=4, hidden_size=24, depth=1, num_heads=2,
+            caption_channels=8, model_max_length=4, qk_norm=True)
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Eight clips as cached latents + caption features, plus two bad rows."""
+    root = tmp_path_factory.mktemp("cache")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(8):
+        (root / "lat" / "v").mkdir(parents=True, exist_ok=True)
+        (root / "txt" / "v").mkdir(parents=True, exist_ok=True)
+        # a smooth blob that moves: structure the model can learn quickly
+        grid = np.linspace(-1, 1, 8, dtype=np.float32)
+        frames = [np.exp(-((grid[None] - 0.1 * t + 0.4) ** 2 + grid[:, None] ** 2) * 4)
+                  for t in range(8)]
+        mean = np.stack(frames)[None] * rng.uniform(-4, 4, (4, 1, 1, 1)).astype(np.float32)
+        np.savez(root / "lat" / "v" / f"{i}.npz", latent_mean=mean.astype(np.float32),
+                 latent_std=np.full_like(mean, 0.01), fps=np.float32(8),
+                 ori_size=np.array([64, 64]))
+        np.savez(root / "txt" / "v" / f"{i}.npz",
+                 y=rng.standard_normal((4, 8)).astype(np.float32),
+                 mask=np.array([1, 1, 1, 0], np.int32))
+        rows.append((f"v/{i}.mp4", f"clip {i}"))
+    rows += [("v/missing.mp4", "no cache for this one"), ("v/0.mp4", "")]
+    with (root / "train.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["video", "caption"])
+        writer.writerows(rows)
+    return {"csv": root / "train.csv", "lat": root / "lat", "txt": root / "txt"}
+
+
+def _dataset(cached: dict[str, Path], seed: int = 0) -> VideoCaptionDataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return VideoCaptionDataset(cached["csv"], num_frames=4, image_size=(64, 64),
+                                   batch_size=2, latent_folder=cached["lat"],
+                                   text_folder=cached["txt"], seed=seed,
+                                   latent_scaling_factor=1.0)
+
+
+def _trainer(cached: dict[str, Path], out: Path, init_seed: int = 0, lr: float = 1e-3,
+             **kwargs) -> Trainer:
+    seed_everything(init_seed)
+    step = TrainStep(STDiT2(**TINY), IDDPM(), lr=lr, ema_decay=0.9)
+    kwargs.setdefault("num_workers", 0)
+    return Trainer(step, _dataset(cached), out, seed=7, **kwargs)
+
+
+def test_bad_rows_are_skipped_and_counted_and_training_runs(cached: dict[str, Path]) -> None:
+    with pytest.warns(UserWarning, match="skipped 2 bad row"):
+        data = VideoCaptionDataset(cached["csv"], num_frames=4, batch_size=2,
+                                   latent_folder=cached["lat"], text_folder=cached["txt"])
+    assert data.skipped == {"missing text cache": 1, "empty caption": 1}
+    assert len(data) == 8
+
+
+def test_loss_falls(cached: dict[str, Path], tmp_path: Path) -> None:
+    trainer = _trainer(cached, tmp_path, lr=2e-3, ckpt_every=1000)
+    history = trainer.fit(16)
+    losses = history.losses
+    assert len(losses) == 16 and all(np.isfinite(losses))
+    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
+    rows = read_loss_csv(tmp_path / "loss.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 17))
+    assert [d.name for d in checkpoint_dirs(tmp_path)] == ["step_000016"]  # the final step
+    assert history.steps_per_second() > 0
+
+
+def test_resume_continues_the_same_loss_curve(cached: dict[str, Path], tmp_path: Path) -> None:
+    straight = _trainer(cached, tmp_path / "a", ckpt_every=2).fit(6).losses
+
+    first = _trainer(cached, tmp_path / "b", ckpt_every=2, keep_last=2)
+    first.fit(4)
+    # the killed job had logged a step past its last checkpoint
+    with (tmp_path / "b" / "loss.csv").open("a") as handle:
+        handle.write("5,123.0,0.1,0\n")
+    second = _trainer(cached, tmp_path / "b", init_seed=99, ckpt_every=2, keep_last=2)
+    second.fit(6)
+    assert second.resumed_from is not None and second.resumed_from.name == "step_000004"
+    resumed = [r["loss"] for r in read_loss_csv(tmp_path / "b" / "loss.csv")]
+    np.testing.assert_allclose(resumed, straight, rtol=1e-5, atol=1e-6)
+    assert [d.name for d in checkpoint_dirs(tmp_path / "b")] == ["step_000004", "step_000006"]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(cached: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    _trainer(cached, tmp_path, ckpt_every=2).fit(4)
+    latest = checkpoint_dirs(tmp_path)[-1] / "model.safetensors"
+    latest.write_bytes(latest.read_bytes()[:100])  # a half-written file
+    resumed = _trainer(cached, tmp_path, ckpt_every=2)
+    with pytest.warns(UserWarning, match="step_000004 is corrupt, falling back"):
+        resumed.fit(5)
+    assert resumed.resumed_from.name == "step_000002"
+    assert [int(r["step"]) for r in read_loss_csv(tmp_path / "loss.csv")] == [1, 2, 3, 4, 5]
+
+
+def test_mask_generator_hook_and_callbacks(cached: dict[str, Path], tmp_path: Path) -> None:
+    seen = []
+
+    def first_frame_is_condition(x):
+        seen.append(tuple(x.shape))
+        mask = np.ones((x.shape[0], x.shape[2]), bool)
+        mask[:, 0] = False
+        return mask
+
+    class Count(Callback):
+        def __init__(self) -> None:
+            self.steps, self.checkpoints, self.ended = [], [], False
+
+        def on_step_end(self, trainer, record) -> None:
+            self.steps.append(record.step)
+
+        def on_checkpoint(self, trainer, step, folder) -> None:
+            self.checkpoints.append(step)
+
+        def on_train_end(self, trainer) -> None:
+            self.ended = True
+
+    count, history = Count(), LossHistory()
+    trainer = _trainer(cached, tmp_path, ckpt_every=2, mask_generator=first_frame_is_condition,
+                       callbacks=[count, history], num_workers=2)
+    trainer.fit(3)
+    assert seen == [(2, 4, 4, 8, 8)] * 3
+    assert count.steps == [1, 2, 3] and count.checkpoints == [2, 3] and count.ended
+    assert len(history.records) == 3 and all(r.data_seconds >= 0 for r in history.records)
+    with pytest.raises(FileExistsError, match="resume=True"):
+        _trainer(cached, tmp_path).fit(4, resume=False)
+
+
+def test_unsupported_settings_are_refused() -> None:
+    model = STDiT2(**TINY)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        TrainStep(model, IDDPM(), mode="eager")
+    with pytest.raises(ValueError, match="not supported on CPU"):
+        TrainStep(model, IDDPM(), dtype="bf16")
+
+
+def test_mask_generator_object_is_reseeded_per_step(cached: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    from opensora.conditioning import MaskGenerator
+
+    generator = MaskGenerator({"random": 1.0}, seed=0)
+    trainer = _trainer(cached, tmp_path, mask_generator=generator)
+    x = np.zeros((3, 4, 6, 2, 2), np.float32)
+    first = trainer._frame_mask(x, step=5)
+    assert first.shape == (3, 6) and first.dtype == bool
+    trainer._frame_mask(x, step=6)
+    np.testing.assert_array_equal(trainer._frame_mask(x, step=5), first)
