@@ -319,6 +319,28 @@ def attention_workload(backend: str, seq_len: int, heads: int = 1, head_dim: int
     return lambda: attention(q, k, v, backend=backend, block_size=block_size)
 
 
+def vae_encode_workload(vae_path: str, num_frames: int, height: int, width: int,
+                        micro_batch_size: int | None = None, decode: bool = True
+                        ) -> Callable[[], Any]:
+    """A `VideoAutoencoderKL` from a diffusers folder and a random clip, warmed up on one frame;
+    returns encode (and decode) of the whole clip in micro-batches of `micro_batch_size`."""
+    from opensora.models.vae import VideoAutoencoderKL
+
+    vae = VideoAutoencoderKL.from_pretrained(vae_path, micro_batch_size=micro_batch_size)
+    rng = np.random.default_rng(0)
+
+    def clip(frames: int) -> ms.Tensor:
+        return ms.Tensor(rng.uniform(-1, 1, (1, 3, frames, height, width)).astype(np.float32))
+
+    def call(x: ms.Tensor) -> Any:
+        z = vae.encode(x, sample_posterior=False)
+        return vae.decode(z) if decode else z
+
+    call(clip(1)).asnumpy()
+    x = clip(num_frames)
+    return lambda: call(x)
+
+
 def _ms_dtype(name: str) -> ms.Type:
     table = {"float32": ms.float32, "fp32": ms.float32, "float16": ms.float16,
              "fp16": ms.float16, "bfloat16": ms.bfloat16, "bf16": ms.bfloat16}

@@ -18,6 +18,7 @@ with the same probability and the same learned null caption.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import inspect
 import json
@@ -42,6 +43,15 @@ from opensora.checkpoint import (
     read_state_dict,
     save_state_dict,
 )
+from opensora.parallel.comm import (
+    all_reduce_mean,
+    broadcast_parameters,
+    gather_step_times,
+    gradient_reducer,
+)
+from opensora.parallel.context import ParallelInfo, get_parallel_info
+from opensora.parallel.data import shard_plan
+from opensora.parallel.optimizer import ShardedOptimizer, build_optimizer
 
 MODES = ("pynative", "graph")
 MICRO_CONDITIONS = ("num_frames", "height", "width", "ar", "fps")
@@ -121,6 +131,11 @@ class TrainStep:
     `loss_scale` (a number, or "dynamic") scales the loss for fp16 / bf16 and skips steps
     whose gradients overflow; leave it None in fp32. `recompute` recomputes every transformer
     block in the backward pass instead of storing its activations.
+
+    Under msrun (`opensora.parallel.init_parallel` called first) each rank differentiates its
+    share of the global batch, gradients are averaged over ranks by AllReduce before clipping,
+    and with `parallel.optimizer_parallel` the AdamW moments are sharded (`ShardedOptimizer`;
+    its update then runs outside the compiled graph). Alone it is the plain single-process step.
     """
 
     def __init__(self, model: nn.Cell, diffusion: Any, lr: float = 1e-4,
@@ -128,8 +143,9 @@ class TrainStep:
                  ema_decay: float | None = 0.9999, mode: str = "pynative",
                  recompute: bool = False, dtype: str = "fp32",
                  loss_scale: float | str | None = None,
-                 caption_dropout: float | None = None):
+                 caption_dropout: float | None = None, parallel: ParallelInfo | None = None):
         self.model = model
+        self.parallel = parallel or get_parallel_info()
         self.diffusion = diffusion
         self.mode = _check_mode(mode)
         amp_dtype = _check_dtype(dtype)
@@ -155,8 +171,13 @@ class TrainStep:
             name in inspect.signature(model.construct).parameters for name in MICRO_CONDITIONS)
         self.lr = float(lr)
         self.grad_clip = grad_clip
-        self.optimizer = nn.AdamWeightDecay(model.trainable_params(), learning_rate=self.lr,
-                                            eps=adam_eps, weight_decay=weight_decay)
+        params = model.trainable_params()
+        broadcast_parameters(params, root=0, info=self.parallel)  # one start on every rank
+        self.optimizer = build_optimizer(
+            params, lambda ps: nn.AdamWeightDecay(ps, learning_rate=self.lr, eps=adam_eps,
+                                                  weight_decay=weight_decay), self.parallel)
+        self.sharded = isinstance(self.optimizer, ShardedOptimizer)
+        self.reducer = gradient_reducer(params, self.parallel)
         self.ema = EMA(model, ema_decay) if ema_decay is not None else None
         if loss_scale is None:
             self.scaler = None
@@ -164,8 +185,12 @@ class TrainStep:
             self.scaler = ms.amp.DynamicLossScaler(2.0**16, 2, 1000)
         else:
             self.scaler = ms.amp.StaticLossScaler(float(loss_scale))
-        self._grad_fn = ms.value_and_grad(self._forward, None, self.optimizer.parameters)
-        self._step = ms.jit(self._update) if self.mode == "graph" else self._update
+        self._grad_fn = ms.value_and_grad(self._forward, None, ParameterTuple(params))
+        if self.sharded:  # the sharded update broadcasts in Python: compile the gradients only
+            grads = ms.jit(self._reduced_grads) if self.mode == "graph" else self._reduced_grads
+            self._step = lambda *args: self._apply_sharded(*grads(*args))
+        else:
+            self._step = ms.jit(self._update) if self.mode == "graph" else self._update
 
     # -- the traced parts
 
@@ -205,11 +230,27 @@ class TrainStep:
         return loss
 
     def _apply(self, grads: tuple) -> None:
+        grads = self.reducer(grads)
         if self.grad_clip is not None and self.grad_clip > 0:
             grads = ops.clip_by_global_norm(grads, self.grad_clip)
         self.optimizer(grads)
         if self.ema is not None:
             self.ema()
+
+    def _reduced_grads(self, *args: Tensor) -> tuple[Tensor, tuple]:
+        loss, grads = self._grad_fn(*args)
+        grads = self.reducer(grads)
+        if self.grad_clip is not None and self.grad_clip > 0:
+            grads = ops.clip_by_global_norm(grads, self.grad_clip)
+        return loss, grads
+
+    def _apply_sharded(self, loss: Tensor, grads: tuple) -> Tensor:
+        if self.scaler is not None:
+            raise ValueError("loss scaling is not supported with the sharded optimizer")
+        self.optimizer(grads)
+        if self.ema is not None:
+            self.ema()
+        return loss
 
     # -- the call
 
@@ -218,9 +259,15 @@ class TrainStep:
                  **micro: np.ndarray) -> float:
         x = x if isinstance(x, Tensor) else Tensor(np.asarray(x, np.float32))
         batch = x.shape[0]
-        t = Tensor(rng.integers(0, self.diffusion.num_timesteps, size=batch).astype(np.int32))
-        noise = Tensor(rng.standard_normal(tuple(x.shape)).astype(np.float32))
-        drop = Tensor(rng.random(batch) < self.caption_dropout)
+        # drawn for the global batch, then this rank's rows (`shard_batch` order), so W
+        # workers see the same timesteps and noise per sample as one process would
+        world, rank = self.parallel.world_size, self.parallel.rank
+        total = batch * world
+        mine = slice(rank, total, world)
+        t = Tensor(rng.integers(0, self.diffusion.num_timesteps, size=total)[mine]
+                   .astype(np.int32))
+        noise = Tensor(rng.standard_normal((total, *x.shape[1:])).astype(np.float32)[mine])
+        drop = Tensor(rng.random(total)[mine] < self.caption_dropout)
         y = y if isinstance(y, Tensor) else Tensor(np.asarray(y, np.float32))
         if y.ndim == 3:  # (B, L, C) from a cache -> (B, 1, L, C)
             y = y[:, None]
@@ -242,12 +289,21 @@ class TrainStep:
     # -- state
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        """AdamW moments and step counter (the model's own weights are saved separately)."""
+        """AdamW moments and step counter (the model's own weights are saved separately).
+        Sharded, this gathers every rank's share: a collective call all ranks must make."""
+        if self.sharded:
+            return self.optimizer.gather_state()
         model_ids = {id(p) for p in self.model.get_parameters()}
         return {p.name: p.asnumpy() for p in self.optimizer.get_parameters()
                 if id(p) not in model_ids}
 
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
+        if self.sharded:
+            try:
+                self.optimizer.load_state(dict(state))
+            except KeyError as exc:
+                raise CheckpointError(str(exc)) from exc
+            return
         own = {p.name: p for p in self.optimizer.get_parameters()}
         model_ids = {id(p) for p in self.model.get_parameters()}
         wanted = {name for name, p in own.items() if id(p) not in model_ids}
@@ -284,7 +340,8 @@ def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def save_checkpoint(output_dir: str | os.PathLike, step: int, train_step: TrainStep,
-                    extra: Mapping[str, Any] | None = None, keep_last: int | None = 3) -> Path:
+                    extra: Mapping[str, Any] | None = None, keep_last: int | None = 3,
+                    optimizer_state: Mapping[str, np.ndarray] | None = None) -> Path:
     """Write step_NNNNNN/ atomically (a temp folder renamed into place) and prune old ones."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -293,7 +350,8 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, train_step: TrainS
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_state_dict(train_step.model, tmp / "model.safetensors")
-    save_state_dict(train_step.optimizer_state(), tmp / "optimizer.safetensors")
+    save_state_dict(dict(optimizer_state) if optimizer_state is not None
+                    else train_step.optimizer_state(), tmp / "optimizer.safetensors")
     if train_step.ema is not None:
         save_state_dict(train_step.ema.state_dict(train_step.model), tmp / "ema.safetensors")
     state = {"step": int(step), **(dict(extra) if extra else {})}
@@ -362,15 +420,18 @@ def read_loss_csv(path: str | os.PathLike) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
-def _truncate_loss_csv(path: Path, last_step: int) -> None:
-    """Keep the rows up to `last_step` (a killed run may have logged past its checkpoint)."""
-    rows = [r for r in read_loss_csv(path) if r["step"] <= last_step]
+def _truncate_csv(path: Path, last_step: int) -> None:
+    """Keep the header and the rows up to `last_step` of a per-step log (first column: step);
+    a killed run may have logged past its checkpoint."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        return
+    kept = [r for r in rows[1:] if r and float(r[0]) <= last_step]
     with atomic_write(path, "w") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(LOSS_COLUMNS)
-        for r in rows:
-            writer.writerow([int(r["step"]), repr(r["loss"]), f"{r['seconds']:.4f}",
-                             int(r["epoch"])])
+        csv.writer(handle).writerows([rows[0], *kept])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -616,6 +677,11 @@ class Trainer:
     `opensora.models.text_encoder.T5Encoder`) encodes captions when it yields text. With the
     latent and text caches neither is needed. `mask_generator(x)` returns the (B, T) frame
     mask of Open-Sora 1.1's mask strategies for a batch of latents (True = frame to denoise).
+
+    Under msrun every rank runs the same loop on its share of each global batch (the plan is
+    split by `shard_plan`); the logged loss is the mean over ranks, `step_times.csv` holds each
+    rank's step time, and only rank 0 writes files and runs callbacks. Checkpoints do not
+    depend on the number of workers, so a job may resume with a different one.
     """
 
     def __init__(self, train_step: TrainStep, dataset: Any, output_dir: str | os.PathLike,
@@ -673,8 +739,25 @@ class Trainer:
         if hasattr(generator, "get_masks"):
             if hasattr(generator, "rng"):
                 generator.rng = np.random.default_rng([self.seed, step, 5])
-            return generator.get_masks(x.shape[0], x.shape[2])
+            info = self.train_step.parallel  # global batch's masks, this rank's rows
+            masks = generator.get_masks(x.shape[0] * info.world_size, x.shape[2])
+            return masks[info.rank::info.world_size] if info.distributed else masks
         return generator(x)
+
+    def _checkpoint(self, step: int, epoch: int) -> Path:
+        """Rank 0 writes; a sharded optimizer's state is gathered by every rank first."""
+        info = self.train_step.parallel
+        folder = self.output_dir / "checkpoints" / f"step_{step:06d}"
+        if not info.distributed:
+            return save_checkpoint(self.output_dir, step, self.train_step,
+                                   {"seed": self.seed, "epoch": epoch}, self.keep_last)
+        optimizer_state = self.train_step.optimizer_state()  # collective when sharded
+        if info.is_main:
+            save_checkpoint(self.output_dir, step, self.train_step,
+                            {"seed": self.seed, "epoch": epoch}, self.keep_last,
+                            optimizer_state=optimizer_state)
+        all_reduce_mean(0.0, info)  # a barrier: nobody reads a half-written checkpoint
+        return folder
 
     def fit(self, steps: int, resume: bool = True) -> LossHistory:
         """Train until global step `steps` (a resumed run does only the remaining ones)."""
@@ -686,27 +769,43 @@ class Trainer:
             raise FileExistsError(f"{self.output_dir} holds checkpoints from an earlier run; "
                                   "pass resume=True to continue it or choose a new output_dir")
         self.step = start
-        _truncate_loss_csv(self.loss_csv, start)
-        for callback in self.callbacks:
+        info = self.train_step.parallel
+        callbacks = self.callbacks if info.is_main else []
+        if info.is_main:
+            _truncate_csv(self.loss_csv, start)
+            _truncate_csv(self.output_dir / "step_times.csv", start)
+        for callback in callbacks:
             callback.on_train_start(self, start)
         if start >= steps:
-            for callback in self.callbacks:
+            for callback in callbacks:
                 callback.on_train_end(self)
             return self.history
         plan = self.dataset.plan(start, steps - start)
+        if info.distributed:
+            plan = shard_plan(plan, info.rank, info.world_size)
         if self.num_workers > 0:
             from opensora.data.dataset import create_dataloader
 
             loader = create_dataloader(self.dataset, start, steps - start, self.num_workers,
-                                       self.multiprocessing)
+                                       self.multiprocessing, plan=plan)
             batches = loader.create_dict_iterator(num_epochs=1, output_numpy=True)
         else:
-            batches = self.dataset.batches(start, steps - start)
-        everyone = [self.history, *self.callbacks]
-        with self.loss_csv.open("a", newline="") as log:
-            writer = csv.writer(log)
-            if log.tell() == 0:
-                writer.writerow(LOSS_COLUMNS)
+            batches = (self.dataset.load_batch(spec) for spec in plan)
+        everyone = [self.history, *callbacks]
+        with contextlib.ExitStack() as files:
+            writer = times_writer = None
+            if info.is_main:
+                log = files.enter_context(self.loss_csv.open("a", newline=""))
+                writer = csv.writer(log)
+                if log.tell() == 0:
+                    writer.writerow(LOSS_COLUMNS)
+                if info.distributed:
+                    times_log = files.enter_context(
+                        (self.output_dir / "step_times.csv").open("a", newline=""))
+                    times_writer = csv.writer(times_log)
+                    if times_log.tell() == 0:
+                        times_writer.writerow(["step", *(f"rank_{r}"
+                                                         for r in range(info.world_size))])
             waited = time.perf_counter()
             for spec, batch in zip(plan, batches):
                 step = self.step + 1
@@ -717,20 +816,26 @@ class Trainer:
                 x_mask = self._frame_mask(x, step)
                 micro = {k: batch[k] for k in MICRO_CONDITIONS}
                 loss = self.train_step(x, y, mask, rng, x_mask=x_mask, **micro)
+                seconds = time.perf_counter() - began
+                if info.distributed:  # the global batch's loss; the slowest rank's time
+                    loss = all_reduce_mean(loss, info)
+                    rank_seconds = gather_step_times(seconds, info)
+                    seconds = float(rank_seconds.max())
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss} at step {step}; lower lr or "
                                              "check the data")
-                seconds = time.perf_counter() - began
                 self.step = step
-                writer.writerow([step, repr(loss), f"{seconds:.4f}", spec.epoch])
-                log.flush()
+                if writer is not None:
+                    writer.writerow([step, repr(loss), f"{seconds:.4f}", spec.epoch])
+                    log.flush()
+                if times_writer is not None:
+                    times_writer.writerow([step, *(f"{t:.4f}" for t in rank_seconds)])
+                    times_log.flush()
                 record = StepRecord(step, loss, seconds, data_seconds, spec.epoch)
                 for callback in everyone:
                     callback.on_step_end(self, record)
                 if step % self.ckpt_every == 0 or step == steps:
-                    folder = save_checkpoint(self.output_dir, step, self.train_step,
-                                             {"seed": self.seed, "epoch": spec.epoch},
-                                             self.keep_last)
+                    folder = self._checkpoint(step, spec.epoch)
                     for callback in everyone:
                         callback.on_checkpoint(self, step, folder)
                 waited = time.perf_counter()
@@ -808,3 +913,79 @@ def prepare_caches(csv_path: str | os.PathLike, cache_dir: str | os.PathLike, va
         text_folder = cache_dir / "t5"
         text_cache.cache_text_embeddings(csv_path, text_folder, text_encoder, progress=progress)
     return Path(latent_folder), Path(text_folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line: the same loop alone or on N workers
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train a preset's transformer from cached latents and T5 features.
+
+        python -m opensora.train --preset tiny --latent-folder C/latents --text-folder C/t5 \\
+            --steps 100 --output-dir runs/train
+        python -m opensora.parallel.launch --workers 2 -- -m opensora.train ... \\
+            [--optimizer-parallel]
+
+    `--batch-size` is the global batch; under msrun each of W workers takes batch / W of it.
+    """
+    import argparse
+
+    from opensora.data.dataset import VideoCaptionDataset
+    from opensora.parallel.context import init_parallel
+    from opensora.presets import DATA_SAMPLES, build_model, get_preset
+    from opensora.schedulers.iddpm import IDDPM
+
+    parser = argparse.ArgumentParser(prog="python -m opensora.train",
+                                     description=main.__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--csv", default=str(DATA_SAMPLES / "video_caption.csv"))
+    parser.add_argument("--latent-folder", required=True, help="opensora.data.latent_cache output")
+    parser.add_argument("--text-folder", required=True, help="opensora.data.text_cache output")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=8, help="global batch")
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--ema-decay", type=float, default=0.995)
+    parser.add_argument("--grad-clip", type=float, default=1.0)
+    parser.add_argument("--mode", choices=MODES, default="graph")
+    parser.add_argument("--dtype", default="fp32", help="fp32; bf16 / fp16 on Ascend")
+    parser.add_argument("--recompute", action="store_true", help="recompute every block")
+    parser.add_argument("--attn-backend", default=None, help="math | chunked | flash")
+    parser.add_argument("--optimizer-parallel", action="store_true",
+                        help="shard the AdamW state over the workers")
+    parser.add_argument("--ckpt-every", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-resume", action="store_true")
+    args = parser.parse_args(argv)
+
+    info = init_parallel(optimizer_parallel=args.optimizer_parallel)
+    if args.batch_size % info.world_size:
+        parser.error(f"--batch-size {args.batch_size} must be a multiple of the "
+                     f"{info.world_size} workers")
+    preset = get_preset(args.preset)
+    seed_everything(args.seed)
+    overrides = {"attn_backend": args.attn_backend} if args.attn_backend else {}
+    model = build_model(preset.with_paths(model_path=None), **overrides)
+    dataset = VideoCaptionDataset(
+        args.csv, num_frames=preset.num_frames, frame_interval=preset.frame_interval,
+        image_size=preset.image_size, batch_size=args.batch_size,
+        latent_folder=args.latent_folder, text_folder=args.text_folder, seed=args.seed,
+        warn=info.is_main)
+    step = TrainStep(model, IDDPM(), lr=args.lr, grad_clip=args.grad_clip,
+                     ema_decay=args.ema_decay, mode=args.mode, recompute=args.recompute,
+                     dtype=args.dtype, parallel=info)
+    trainer = Trainer(step, dataset, args.output_dir, seed=args.seed,
+                      ckpt_every=args.ckpt_every, num_workers=0)
+    began = time.perf_counter()
+    history = trainer.fit(args.steps, resume=not args.no_resume)
+    if info.is_main:
+        done = len(history.records)
+        print(f"rank 0 of {info.world_size}: {done} steps in {time.perf_counter() - began:.1f} s"
+              f" ({history.steps_per_second():.3f} steps/s after the first); final loss "
+              f"{history.losses[-1] if done else float('nan'):.4f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

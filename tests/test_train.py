@@ -172,3 +172,77 @@ def test_mask_generator_object_is_reseeded_per_step(cached: dict[str, Path],
     assert first.shape == (3, 6) and first.dtype == bool
     trainer._frame_mask(x, step=6)
     np.testing.assert_array_equal(trainer._frame_mask(x, step=5), first)
+
+
+# ---------------------------------------------------------------- data parallel under msrun
+
+
+@pytest.fixture(scope="module")
+def tiny_caches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Cached latents / captions shaped for the tiny preset (16 x 8 x 8 latents, 16 x 64
+    caption features) for four clips."""
+    from opensora.presets import get_preset
+
+    preset = get_preset("tiny")
+    root = tmp_path_factory.mktemp("tiny_cache")
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(4):
+        for sub in ("lat", "txt"):
+            (root / sub / "v").mkdir(parents=True, exist_ok=True)
+        mean = rng.standard_normal((4, preset.num_frames, 8, 8)).astype(np.float32)
+        np.savez(root / "lat" / "v" / f"{i}.npz", latent_mean=mean,
+                 latent_std=np.full_like(mean, 0.1), fps=np.float32(8),
+                 ori_size=np.array(preset.image_size))
+        np.savez(root / "txt" / "v" / f"{i}.npz",
+                 y=rng.standard_normal((preset.model_max_length,
+                                        preset.model["caption_channels"])).astype(np.float32),
+                 mask=(np.arange(preset.model_max_length) < 6).astype(np.int32))
+        rows.append((f"v/{i}.mp4", f"clip {i}"))
+    with (root / "train.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["video", "caption"])
+        writer.writerows(rows)
+    return {"csv": root / "train.csv", "lat": root / "lat", "txt": root / "txt"}
+
+
+def _train_args(caches: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["-m", "opensora.train", "--csv", str(caches["csv"]), "--latent-folder",
+            str(caches["lat"]), "--text-folder", str(caches["txt"]), "--output-dir", str(out),
+            "--steps", "2", "--batch-size", "4", "--mode", "pynative", "--ckpt-every", "2",
+            *extra]
+
+
+@pytest.mark.slow
+def test_two_workers_train_the_tiny_preset_like_one_process(tiny_caches: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    """Global batch 4: one process, then 2 msrun workers with 2 samples each (plain and with
+    the sharded optimizer) end with the same weights, EMA, optimizer state and losses."""
+    import subprocess
+    import sys
+
+    from opensora.checkpoint import read_state_dict
+    from opensora.parallel.launch import launch
+
+    alone = tmp_path / "alone"
+    subprocess.run([sys.executable, *_train_args(tiny_caches, alone)], check=True,
+                   capture_output=True, timeout=600)
+    reference = {name: read_state_dict(alone / "checkpoints" / "step_000002" / name)
+                 for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors")}
+    losses = [row["loss"] for row in read_loss_csv(alone / "loss.csv")]
+    assert len(losses) == 2
+    for variant, extra in (("dp", ()), ("dp_zero", ("--optimizer-parallel",))):
+        out = tmp_path / variant
+        launch(_train_args(tiny_caches, out, *extra), workers=2, timeout=600,
+               log_dir=tmp_path / f"logs_{variant}", emit=lambda line: None)
+        for name, expected in reference.items():
+            got = read_state_dict(out / "checkpoints" / "step_000002" / name)
+            assert set(got) == set(expected), (variant, name)
+            for key, value in expected.items():
+                np.testing.assert_allclose(got[key].reshape(value.shape), value, rtol=1e-4,
+                                           atol=2e-6, err_msg=f"{variant} {name} {key}")
+        np.testing.assert_allclose([r["loss"] for r in read_loss_csv(out / "loss.csv")],
+                                   losses, rtol=1e-4)
+        with (out / "step_times.csv").open() as handle:
+            table = list(csv.reader(handle))
+        assert table[0] == ["step", "rank_0", "rank_1"] and len(table) == 3

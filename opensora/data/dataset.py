@@ -445,19 +445,21 @@ class _BatchSource:
 
 def create_dataloader(dataset: VideoCaptionDataset, start_step: int, num_steps: int,
                       num_workers: int = 1, multiprocessing: bool = False,
-                      prefetch: int = 2) -> Any:
+                      prefetch: int = 2, plan: list[BatchSpec] | None = None) -> Any:
     """A `mindspore.dataset.GeneratorDataset` over the batches of steps
     [start_step, start_step + num_steps), in order.
 
     Batches are whole items (buckets make their sizes differ), decoded by `num_workers`
     threads, or processes with `multiprocessing` (decoding then runs truly in parallel; counts
     of clips that fail while loading stay in the workers). Iterate with
-    `create_dict_iterator(num_epochs=1, output_numpy=True)`.
+    `create_dict_iterator(num_epochs=1, output_numpy=True)`. `plan` replaces the dataset's
+    own plan of those steps (e.g. a rank's share of it, `opensora.parallel.shard_plan`).
     """
     import mindspore.dataset as ds
 
     ds.config.set_prefetch_size(max(1, prefetch))
-    source = _BatchSource(dataset, dataset.plan(start_step, num_steps))
+    source = _BatchSource(dataset, plan if plan is not None
+                          else dataset.plan(start_step, num_steps))
     return ds.GeneratorDataset(source, column_names=dataset.column_names, shuffle=False,
                                num_parallel_workers=max(1, num_workers),
                                python_multiprocessing=multiprocessing and num_workers > 1)
