@@ -35,16 +35,7 @@ browser:
 book: $(STAMP)
 	$(VENV)/bin/jupyter-book build . --builder html -W --keep-going
 
-book-# The tiny preset's VAE: trained from scratch on data_samples/ (seeded; about 15 CPU minutes).
-tiny-vae: $(STAMP)
-	$(PY) -u -m opensora.train_vae --out data_samples/models/vae_tiny
-
-# The tiny preset's STDiT2: the training chapter run as a job, exporting the EMA weights.
-tiny-weights: $(STAMP)
-	$(PY) -m opensora.jobs notebooks/06_training.ipynb -o runs/tiny-weights \
-	  -p steps 3000 -p export_dir data_samples/models/stdit2_tiny
-
-clean:
+book-clean:
 	rm -rf _build
 
 bench: $(STAMP)
@@ -61,7 +52,7 @@ tiny-vae: $(STAMP)
 # The tiny preset's STDiT2: the training chapter run as a job, exporting the EMA weights.
 tiny-weights: $(STAMP)
 	$(PY) -m opensora.jobs notebooks/06_training.ipynb -o runs/tiny-weights \
-	  -p steps 3000 -p export_dir data_samples/models/stdit2_tiny
+	  -p steps 800 -p lr 5e-4 -p sample_every 0 -p export_dir data_samples/models/stdit2_tiny
 
 clean:
 	rm -rf _build .pytest_cache .ruff_cache runs

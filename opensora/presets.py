@@ -110,31 +110,17 @@ PRESETS["STDiT-XL/2"] = Preset(
     model_max_length=120,
 )
 
-PRESETS["STDiT2-XL/2"] = Preset(
+_XL_SHARED = dict(in_channels=4, patch_size=(1, 2, 2), hidden_size=1152, depth=28,
+                  num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, pred_sigma=True,
+                  caption_channels=4096)
+PRESETS["STDiT2-XL/2"] = replace(
+    PRESETS["STDiT-XL/2"],
     name="STDiT2-XL/2",
     model_type="STDiT2",
-    model=dict(
-        input_size=(None, None, None),
-        input_sq_size=512,
-        in_channels=4,
-        patch_size=(1, 2, 2),
-        hidden_size=1152,
-        depth=28,
-        num_heads=16,
-        mlp_ratio=4.0,
-        class_dropout_prob=0.1,
-        pred_sigma=True,
-        caption_channels=4096,
-        model_max_length=200,
-        qk_norm=True,
-    ),
-    vae_path=None,
-    t5_path=None,
-    tokenizer_path=None,
-    model_path=None,
-    num_frames=16,
-    image_size=(512, 512),
+    model=dict(input_size=(None, None, None), input_sq_size=512, **_XL_SHARED,
+               model_max_length=200, qk_norm=True),
     fps=24,
+    frame_interval=1,
     model_max_length=200,
 )
 

@@ -52,7 +52,8 @@ def test_cache_holds_unscaled_moments_of_every_frame(clips: Path, vae) -> None:
     cache = load_latent_npz(clips / "out" / "videos" / "clip_000.npz")
     assert set(cache) == {"latent_mean", "latent_std", "fps", "ori_size"}
     video = read_video(clips / "videos" / "clip_000.mp4")
-    assert cache["latent_mean"].shape == (4, video.shape[1], 16, 16)
+    f = vae.module.downsample_factor
+    assert cache["latent_mean"].shape == (4, video.shape[1], 64 // f, 64 // f)
     assert list(cache["ori_size"]) == [64, 64]
     assert float(cache["fps"]) > 0
     mean, std = vae.encode_moments(ms.Tensor(video[None]))
@@ -83,7 +84,8 @@ def test_multi_resolution_layout_resizes(clips: Path, vae) -> None:
                            multi_resolution=True, progress=False)
     assert report.out_dir == resolution_folder(clips / "out", (32, 48))
     cache = load_latent_npz(clips / "out" / "latent_32x48" / "videos" / "clip_000.npz")
-    assert cache["latent_mean"].shape[2:] == (8, 12)
+    f = vae.module.downsample_factor
+    assert cache["latent_mean"].shape[2:] == (32 // f, 48 // f)
     assert list(cache["ori_size"]) == [32, 48]
     with pytest.raises(ValueError, match="needs image_size"):
         cache_latents(csv_path, clips / "out", vae, multi_resolution=True, progress=False)
