@@ -146,7 +146,7 @@ def _parse_entry(entry: str, index: int) -> MaskOp:
 
 @dataclass(frozen=True)
 class MaskStrategy:
-    """The parsed `mask_strategy` of one sample: an ordered tuple of `MaskOp`s (later entries
+    """The parsed `mask_strategy` of one sample: an ordered tuple of `MaskOp` (later entries
     overwrite earlier ones where they overlap, as in Open-Sora)."""
 
     ops: tuple[MaskOp, ...] = ()

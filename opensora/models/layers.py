@@ -105,7 +105,7 @@ def t_mask_select(x_mask: Tensor, x: Tensor, masked_x: Tensor, num_t: int, num_s
 
 
 class PatchEmbed3D(nn.Cell):
-    """Video (B, C, T, H, W) to tokens (B, T'*H'*W', D): a Conv3d whose stride equals its kernel.
+    """Video (B, C, T, H, W) to tokens (B, T' H' W', D): a Conv3d whose stride equals its kernel.
 
     Because the patches do not overlap, the convolution is computed as patchify + one matmul,
     which is exact and much faster on CPU than a Conv3d kernel. The weight keeps the Conv3d layout

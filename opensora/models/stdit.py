@@ -260,7 +260,7 @@ class STDiT(nn.Cell):
 
 def unpatchify_tokens(x: Tensor, patch_size: tuple[int, int, int], out_channels: int,
                grid: tuple[int, int, int], size: tuple[int, int, int]) -> Tensor:
-    """(B, T'*H'*W', pt*ph*pw*C_out) tokens -> (B, C_out, T, H, W), cropping any padding."""
+    """``(B, T'*H'*W', pt*ph*pw*C_out)`` tokens -> (B, C_out, T, H, W), cropping any padding."""
     num_t, num_h, num_w = grid
     pt, ph, pw = patch_size
     batch = x.shape[0]

@@ -291,7 +291,7 @@ class STDiT2(nn.Cell):
 
     def unpatchify(self, x: Tensor, num_t: int, num_h: int, num_w: int, t_in: int, h_in: int,
                    w_in: int) -> Tensor:
-        """(B, T'*H'*W', pt*ph*pw*C_out) tokens -> (B, C_out, T, H, W), cropping any padding."""
+        """``(B, T'*H'*W', pt*ph*pw*C_out)`` tokens -> (B, C_out, T, H, W), cropping any padding."""
         return unpatchify_tokens(x, self.patch_size, self.out_channels, (num_t, num_h, num_w),
                           (t_in, h_in, w_in))
 

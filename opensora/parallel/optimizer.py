@@ -47,8 +47,9 @@ def partition_parameters(sizes: Sequence[int], world_size: int) -> list[int]:
 class ShardedOptimizer(nn.Cell):
     """Wrap an optimizer factory so that each rank updates only the parameters it owns.
 
-    make_optimizer: called once with this rank's parameters, e.g.
-        `lambda ps: nn.AdamWeightDecay(ps, learning_rate=1e-4, weight_decay=0.0)`.
+    `make_optimizer` is called once with this rank's parameters, e.g.
+    `lambda ps: nn.AdamWeightDecay(ps, learning_rate=1e-4, weight_decay=0.0)`.
+
     Call it like an optimizer with the full tuple of (already averaged) gradients, in the
     order of `parameters`.
     """

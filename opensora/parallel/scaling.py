@@ -2,6 +2,7 @@
 optimizer parallel, from closed forms.
 
 The model counts what a training step holds and computes:
+
 - memory: fp32 weights, fp32 gradients, AdamW's two fp32 moments (divided by the number of
   devices with optimizer parallel), an fp32 EMA copy, and activations (per-token counts of
   what each block saves for backward; with recompute only each block's input is kept, plus
