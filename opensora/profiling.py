@@ -33,6 +33,8 @@ from typing import Any
 import mindspore as ms
 import numpy as np
 
+from opensora.models.attention import KEY_BLOCK_SIZE, QUERY_BLOCK_SIZE
+
 # ---------------------------------------------------------------------------------------------
 # timing
 
@@ -307,16 +309,18 @@ def attention_inputs(seq_len: int, heads: int = 1, head_dim: int = 64, batch: in
 
 
 def attention_workload(backend: str, seq_len: int, heads: int = 1, head_dim: int = 64,
-                       batch: int = 1, block_size: int = 256, dtype: str = "float32",
-                       warmup_len: int = 64) -> Callable[[], Any]:
+                       batch: int = 1, block_size: int = QUERY_BLOCK_SIZE, dtype: str = "float32",
+                       warmup_len: int = 64, key_block_size: int | None = None
+                       ) -> Callable[[], Any]:
     """q, k, v built and the backend's kernels warmed up on `warmup_len` tokens; returns the
     full-size attention call."""
     from opensora.models.attention import attention
 
+    blocks = {"block_size": block_size, "key_block_size": key_block_size or KEY_BLOCK_SIZE}
     small = attention_inputs(min(warmup_len, seq_len), heads, head_dim, batch, dtype, seed=1)
-    attention(*small, backend=backend, block_size=block_size).asnumpy()
+    attention(*small, backend=backend, **blocks).asnumpy()
     q, k, v = attention_inputs(seq_len, heads, head_dim, batch, dtype)
-    return lambda: attention(q, k, v, backend=backend, block_size=block_size)
+    return lambda: attention(q, k, v, backend=backend, **blocks)
 
 
 def vae_encode_workload(vae_path: str, num_frames: int, height: int, width: int,
@@ -440,14 +444,17 @@ def attention_flops(seq_q: int, seq_k: int | None = None, head_dim: int = 64, he
 
 
 def attention_memory_bytes(backend: str, seq_q: int, seq_k: int | None = None, heads: int = 1,
-                           batch: int = 1, block_size: int = 256, itemsize: int = 4) -> int:
+                           batch: int = 1, block_size: int = QUERY_BLOCK_SIZE, itemsize: int = 4,
+                           key_block_size: int | None = None) -> int:
     """Size of the largest intermediate, the score matrix: all of it for `math`, one
-    block_size x block_size tile per (batch, head) for `chunked` (the model, not a measurement)."""
+    block_size x key_block_size tile per (batch, head) for `chunked` (the model, not a
+    measurement)."""
     seq_k = seq_q if seq_k is None else seq_k
+    key_block_size = key_block_size or KEY_BLOCK_SIZE
     if backend == "math":
         return batch * heads * seq_q * seq_k * itemsize
     if backend == "chunked":
-        return batch * heads * min(block_size, seq_q) * min(block_size, seq_k) * itemsize
+        return batch * heads * min(block_size, seq_q) * min(key_block_size, seq_k) * itemsize
     raise ValueError(f"no memory model for backend {backend!r}; use 'math' or 'chunked'")
 
 

@@ -27,19 +27,23 @@ def _numpy_attention(q, k, v, mask=None):
     return (probs / probs.sum(-1, keepdims=True)) @ v
 
 
-def _run(backend, q, k, v, mask=None, block_size=8):
+def _run(backend, q, k, v, mask=None, block_size=8, key_block_size=None):
+    """Key blocks default to the query block size, so the online softmax across key blocks runs
+    (the backend's own default, 4096 keys, would make these small cases one key block)."""
     tensors = [ms.Tensor(a) for a in (q, k, v)]
     mask_t = None if mask is None else ms.Tensor(mask)
-    return attention(*tensors, mask_t, backend=backend, block_size=block_size).asnumpy()
+    return attention(*tensors, mask_t, backend=backend, block_size=block_size,
+                     key_block_size=key_block_size or block_size).asnumpy()
 
 
-@pytest.mark.parametrize("block_size", [1, 8, 13, 64])
-def test_chunked_equals_math_without_mask(block_size: int) -> None:
+@pytest.mark.parametrize("block_size,key_block_size",
+                         [(1, 1), (8, 8), (13, 5), (64, 64), (8, 4096)])
+def test_chunked_equals_math_without_mask(block_size: int, key_block_size: int) -> None:
     q, k, v = _qkv()
     math_out = _run("math", q, k, v)
     np.testing.assert_allclose(math_out, _numpy_attention(q, k, v), atol=1e-5)
-    np.testing.assert_allclose(_run("chunked", q, k, v, block_size=block_size), math_out,
-                               atol=1e-5)
+    np.testing.assert_allclose(_run("chunked", q, k, v, block_size=block_size,
+                                    key_block_size=key_block_size), math_out, atol=1e-5)
 
 
 def test_chunked_equals_math_with_caption_key_mask() -> None:
@@ -62,6 +66,8 @@ def test_chunked_equals_math_with_full_mask() -> None:
     math_out = _run("math", q, k, v, mask)
     np.testing.assert_allclose(math_out, _numpy_attention(q, k, v, mask), atol=1e-5)
     np.testing.assert_allclose(_run("chunked", q, k, v, mask, block_size=6), math_out, atol=1e-5)
+    np.testing.assert_allclose(_run("chunked", q, k, v, mask, block_size=6, key_block_size=64),
+                               math_out, atol=1e-5)
 
 
 def test_chunked_is_stable_for_large_logits() -> None:
@@ -77,10 +83,10 @@ def test_chunked_under_jit_matches_pynative() -> None:
 
     @ms.jit
     def chunked(q, k, v):
-        return attention(q, k, v, None, backend="chunked", block_size=10)
+        return attention(q, k, v, None, backend="chunked", block_size=10, key_block_size=10)
 
     np.testing.assert_allclose(chunked(q, k, v).asnumpy(),
-                               attention(q, k, v, None, "chunked", 10).asnumpy(), atol=1e-6)
+                               attention(q, k, v, None, "chunked", 10, 10).asnumpy(), atol=1e-6)
 
 
 def test_backend_names() -> None:

@@ -108,8 +108,11 @@ def test_flop_inputs_are_checked() -> None:
 
 def test_attention_memory_model() -> None:
     assert profiling.attention_memory_bytes("math", 1024, heads=2) == 2 * 1024 * 1024 * 4
+    # one 128-row query block against all 1024 keys (below the 4096-key block)
     assert profiling.attention_memory_bytes("chunked", 1024, heads=2, block_size=128) == \
-        2 * 128 * 128 * 4
+        2 * 128 * 1024 * 4
+    assert profiling.attention_memory_bytes("chunked", 1024, heads=2, block_size=128,
+                                            key_block_size=256) == 2 * 128 * 256 * 4
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ algorithm is chosen in one place:
 - ``math``: softmax(Q K^T / sqrt(d)) V with the full score matrix; exact and simplest, memory
   O(N_q * N_k) per head.
 - ``chunked``: queries and keys in blocks with an online (running max / running sum) softmax, the
-  algorithm of FlashAttention written with plain matmul + exp; memory O(block * N), same result.
+  algorithm of FlashAttention written with plain matmul + exp; memory O(block * N) for the
+  output plus one block_size x key_block_size tile of scores, same result.
 - ``flash``: Ascend's fused FlashAttentionScore kernel (only exists on Ascend).
 - ``auto``: ``flash`` on Ascend, otherwise ``math`` for small problems and ``chunked`` when the
   score matrix would be large.
@@ -29,6 +30,12 @@ BACKENDS = ("math", "chunked", "flash", "auto")
 _MASK_VALUE = -1e30
 # "auto" switches from math to chunked above this many score elements per (batch * head).
 _AUTO_CHUNK_THRESHOLD = 4096 * 4096
+# Block sizes of the chunked backend. A 512 x 4096 tile is 8 MiB of float32 per (batch * head),
+# small next to a 16k-token score matrix (1 GiB); up to 4096 keys the online softmax is skipped
+# (one key block), and 512-row query blocks are few enough that their launches do not show:
+# on CPU that keeps chunked as fast as math at 4k tokens (chapter 8 measures it).
+QUERY_BLOCK_SIZE = 512
+KEY_BLOCK_SIZE = 4096
 
 
 def device_is_ascend() -> bool:
@@ -50,7 +57,8 @@ def resolve_backend(backend: str) -> str:
 
 
 def attention(q: ms.Tensor, k: ms.Tensor, v: ms.Tensor, mask: ms.Tensor | None = None,
-              backend: str = "math", block_size: int = 256) -> ms.Tensor:
+              backend: str = "math", block_size: int = QUERY_BLOCK_SIZE,
+              key_block_size: int = KEY_BLOCK_SIZE) -> ms.Tensor:
     """softmax(q k^T / sqrt(d)) v over the last two axes, computed by `backend`."""
     if backend == "auto":
         backend = resolve_backend(backend)
@@ -59,7 +67,7 @@ def attention(q: ms.Tensor, k: ms.Tensor, v: ms.Tensor, mask: ms.Tensor | None =
     if backend == "math":
         return math_attention(q, k, v, mask)
     if backend == "chunked":
-        return chunked_attention(q, k, v, mask, block_size)
+        return chunked_attention(q, k, v, mask, block_size, key_block_size)
     if backend == "flash":
         return flash_attention(q, k, v, mask)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
@@ -80,56 +88,69 @@ def math_attention(q: ms.Tensor, k: ms.Tensor, v: ms.Tensor,
     return ops.matmul(probs, v)
 
 
-def _block_mask(mask: ms.Tensor | None, q0: int, q1: int, k0: int, k1: int) -> ms.Tensor | None:
-    """The part of a broadcastable mask that covers queries q0:q1 and keys k0:k1."""
-    if mask is None:
-        return None
-    rows = mask if mask.shape[-2] == 1 else mask[..., q0:q1, :]
-    return rows if rows.shape[-1] == 1 else rows[..., k0:k1]
-
-
 def chunked_attention(q: ms.Tensor, k: ms.Tensor, v: ms.Tensor, mask: ms.Tensor | None = None,
-                      block_size: int = 256) -> ms.Tensor:
-    """Online-softmax attention: never holds more than block_size x block_size scores.
+                      block_size: int = QUERY_BLOCK_SIZE,
+                      key_block_size: int = KEY_BLOCK_SIZE) -> ms.Tensor:
+    """Online-softmax attention: never holds more than block_size x key_block_size scores.
 
-    For each query block a running row maximum `m`, normaliser `l` and output `acc` are updated
-    key block by key block; earlier partial sums are rescaled by exp(m_old - m_new), which makes
-    the final acc / l equal the full softmax result.
+    Queries are taken `block_size` rows at a time. For each query block a running row maximum
+    `m`, normaliser `l` and output `acc` are updated key block by key block; earlier partial
+    sums are rescaled by exp(m_old - m_new), which makes the final acc / l equal the full
+    softmax. When one key block covers every key (the common case below `key_block_size`
+    tokens) the block is a plain softmax: the running statistics only cost time on CPU, where
+    each extra elementwise op is a pass over the tile.
     """
-    if block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size}")
+    if block_size < 1 or key_block_size < 1:
+        raise ValueError("block_size and key_block_size must be positive integers, got "
+                         f"{block_size} and {key_block_size}")
     scale = 1.0 / math.sqrt(q.shape[-1])
-    n_q, n_k = q.shape[-2], k.shape[-2]
-    q = (q * scale).astype(ms.float32)
-    k = k.astype(ms.float32)
-    v32 = v.astype(ms.float32)
+    # One split per tensor instead of a slice per block: in PyNative every slice is an operator
+    # launch, and at 256-row blocks the launches cost more than the matmuls.
+    q_blocks = ops.split((q * scale).astype(ms.float32), block_size, axis=-2)
+    k_blocks = ops.split(k.astype(ms.float32).swapaxes(-1, -2), key_block_size, axis=-1)
+    v_blocks = ops.split(v.astype(ms.float32), key_block_size, axis=-2)
+    mask_rows = _split_rows(mask, block_size, len(q_blocks))
     outputs = []
-    for q0 in range(0, n_q, block_size):
-        q1 = min(q0 + block_size, n_q)
-        q_blk = q[..., q0:q1, :]
-        running_max = None
-        running_sum = None
-        acc = None
-        for k0 in range(0, n_k, block_size):
-            k1 = min(k0 + block_size, n_k)
-            scores = ops.matmul(q_blk, k[..., k0:k1, :].swapaxes(-1, -2))
-            scores = _masked(scores, _block_mask(mask, q0, q1, k0, k1))
+    for q_blk, rows in zip(q_blocks, mask_rows):
+        mask_tiles = _split_keys(rows, key_block_size, len(k_blocks))
+        if len(k_blocks) == 1:
+            scores = _masked(ops.matmul(q_blk, k_blocks[0]), mask_tiles[0])
+            outputs.append(ops.matmul(ops.softmax(scores, axis=-1), v_blocks[0]))
+            continue
+        running_max = running_sum = acc = None
+        for k_blk, v_blk, tile_mask in zip(k_blocks, v_blocks, mask_tiles):
+            scores = _masked(ops.matmul(q_blk, k_blk), tile_mask)
             blk_max = scores.max(axis=-1, keepdims=True)
             if running_max is None:
                 new_max = blk_max
                 probs = ops.exp(scores - new_max)
                 running_sum = probs.sum(axis=-1, keepdims=True)
-                acc = ops.matmul(probs, v32[..., k0:k1, :])
+                acc = ops.matmul(probs, v_blk)
             else:
                 new_max = ops.maximum(running_max, blk_max)
                 correction = ops.exp(running_max - new_max)
                 probs = ops.exp(scores - new_max)
                 running_sum = running_sum * correction + probs.sum(axis=-1, keepdims=True)
-                acc = acc * correction + ops.matmul(probs, v32[..., k0:k1, :])
+                acc = acc * correction + ops.matmul(probs, v_blk)
             running_max = new_max
         outputs.append(acc / running_sum)
     out = outputs[0] if len(outputs) == 1 else ops.cat(outputs, axis=-2)
     return out.astype(v.dtype)
+
+
+def _split_rows(mask: ms.Tensor | None, block_size: int, count: int) -> list[ms.Tensor | None]:
+    """The mask's query rows in blocks; a mask shared by all queries (one row) is reused."""
+    if mask is None or mask.shape[-2] == 1:
+        return [mask] * count
+    return list(ops.split(mask, block_size, axis=-2))
+
+
+def _split_keys(mask: ms.Tensor | None, key_block_size: int, count: int
+                ) -> list[ms.Tensor | None]:
+    """The mask's key columns in blocks; a mask shared by all keys (one column) is reused."""
+    if mask is None or mask.shape[-1] == 1:
+        return [mask] * count
+    return list(ops.split(mask, key_block_size, axis=-1))
 
 
 def flash_attention(q: ms.Tensor, k: ms.Tensor, v: ms.Tensor,

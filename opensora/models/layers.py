@@ -15,7 +15,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Zero, initializer
 
-from opensora.models.attention import attention
+from opensora.models.attention import QUERY_BLOCK_SIZE, attention
 from opensora.models.ops import gelu_tanh
 
 # --------------------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ class Attention(nn.Cell):
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
                  qk_norm: bool = False, attn_backend: str = "math",
-                 block_size: int = 256) -> None:
+                 block_size: int = QUERY_BLOCK_SIZE) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
@@ -253,7 +253,7 @@ class MultiHeadCrossAttention(nn.Cell):
     """
 
     def __init__(self, d_model: int, num_heads: int, attn_backend: str = "math",
-                 block_size: int = 256) -> None:
+                 block_size: int = QUERY_BLOCK_SIZE) -> None:
         super().__init__()
         if d_model % num_heads:
             raise ValueError(f"d_model {d_model} must be divisible by num_heads {num_heads}")

@@ -24,7 +24,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, XavierUniform, Zero, initializer
 
 from opensora.checkpoint import load_checkpoint, read_state_dict, resolve_weights_file
-from opensora.models.attention import device_is_ascend, resolve_backend
+from opensora.models.attention import QUERY_BLOCK_SIZE, device_is_ascend, resolve_backend
 from opensora.models.layers import (
     Attention,
     CaptionEmbedder,
@@ -50,7 +50,7 @@ class STDiTBlock(nn.Cell):
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
                  drop_path: float = 0.0, attn_backend: str = "math",
-                 block_size: int = 256) -> None:
+                 block_size: int = QUERY_BLOCK_SIZE) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.norm1 = LayerNorm(hidden_size, eps=1e-6, affine=False)
@@ -131,7 +131,7 @@ class STDiT(nn.Cell):
                  no_temporal_pos_emb: bool = False, caption_channels: int = 4096,
                  model_max_length: int = 120, space_scale: float = 1.0, time_scale: float = 1.0,
                  freeze: str | None = None, enable_flashattn: bool = False,
-                 attn_backend: str = "auto", attn_block_size: int = 256,
+                 attn_backend: str = "auto", attn_block_size: int = QUERY_BLOCK_SIZE,
                  enable_recompute: bool = False, **unused: Any) -> None:
         super().__init__()
         reject_unknown_keywords(unused)

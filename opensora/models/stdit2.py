@@ -21,7 +21,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from opensora.models.attention import device_is_ascend, resolve_backend
+from opensora.models.attention import QUERY_BLOCK_SIZE, device_is_ascend, resolve_backend
 from opensora.models.layers import (
     Attention,
     CaptionEmbedder,
@@ -53,7 +53,7 @@ class STDiT2Block(nn.Cell):
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
                  drop_path: float = 0.0, qk_norm: bool = False, attn_backend: str = "math",
-                 block_size: int = 256) -> None:
+                 block_size: int = QUERY_BLOCK_SIZE) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         # spatial branch
@@ -154,7 +154,7 @@ class STDiT2(nn.Cell):
                  no_temporal_pos_emb: bool = False, caption_channels: int = 4096,
                  model_max_length: int = 120, freeze: str | None = None, qk_norm: bool = False,
                  enable_flash_attn: bool = False, enable_layernorm_kernel: bool = False,
-                 attn_backend: str = "auto", attn_block_size: int = 256,
+                 attn_backend: str = "auto", attn_block_size: int = QUERY_BLOCK_SIZE,
                  enable_recompute: bool = False, **unused: Any) -> None:
         super().__init__()
         if hidden_size % 3:
