@@ -8,6 +8,7 @@ so a job can resume from any of them or re-decode latents without sampling again
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -104,16 +105,47 @@ def check_model_fits_preset(model: Any, preset: Preset, weights: Path | None) ->
                               + "; ".join(diffs) + ". Pick the preset the weights were made for.")
 
 
+def compiled_forward(model: Any) -> Callable[..., Any]:
+    """The model's forward pass compiled with `mindspore.jit` (graph mode), called like the
+    model. Keywords are put in the order of the model's `construct`, because a compiled
+    function takes a fixed positional signature; each new set of input shapes (or of inputs
+    left as None) compiles once, so a sampling loop compiles on its first step only."""
+    names = list(inspect.signature(model.construct).parameters)
+
+    @ms.jit
+    def forward(*args: Any) -> Any:
+        return model(*args)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        unknown = set(kwargs) - set(names)
+        if unknown:
+            raise TypeError(f"{type(model).__name__} takes no argument(s) {sorted(unknown)}")
+        values = list(args) + [kwargs.get(name) for name in names[len(args):]]
+        while values and values[-1] is None:
+            values.pop()
+        return forward(*values)
+
+    return call
+
+
 class TextToVideoPipeline:
-    """The three Open-Sora models plus the IDDPM sampler, with a call for each stage."""
+    """The three Open-Sora models plus the IDDPM sampler, with a call for each stage.
+
+    `mode="graph"` runs the denoiser (the part called at every sampling step) compiled with
+    `mindspore.jit`; the text encoder and VAE run once per clip and stay in PyNative.
+    """
 
     def __init__(self, preset: Preset, vae: Any, text_encoder: Any, model: Any, scheduler: Any,
                  num_frames: int | None = None, image_size: tuple[int, int] | None = None,
-                 fps: int | None = None, sampler: str = "ddpm"):
+                 fps: int | None = None, sampler: str = "ddpm", mode: str = "pynative"):
+        if mode not in ("pynative", "graph"):
+            raise ValueError(f"mode must be 'pynative' or 'graph', got {mode!r}")
         self.preset = preset
         self.vae = vae
         self.text_encoder = text_encoder
         self.model = model
+        self.mode = mode
+        self.denoiser = compiled_forward(model) if mode == "graph" else model
         self.scheduler = scheduler
         self.num_frames = int(num_frames or preset.num_frames)
         self.image_size = tuple(image_size or preset.image_size)
@@ -132,7 +164,8 @@ class TextToVideoPipeline:
                     cfg_channel: int | None = 3, sampler: str = "ddpm",
                     num_frames: int | None = None, image_size: tuple[int, int] | None = None,
                     fps: int | None = None, micro_batch_size: int | None = None,
-                    allow_untrained: bool = False, **model_overrides: Any) -> TextToVideoPipeline:
+                    allow_untrained: bool = False, mode: str = "pynative",
+                    **model_overrides: Any) -> TextToVideoPipeline:
         """Build every model of a preset, with any asset path overridden (published weights).
 
         A preset whose transformer weights are missing is an error unless `allow_untrained`,
@@ -175,7 +208,7 @@ class TextToVideoPipeline:
         scheduler = IDDPM(num_sampling_steps=num_sampling_steps, cfg_scale=cfg_scale,
                           cfg_channel=cfg_channel)
         return cls(preset, vae, text_encoder, model, scheduler, num_frames, image_size, fps,
-                   sampler)
+                   sampler, mode)
 
     # ---- shapes and conditions
 
@@ -239,7 +272,7 @@ class TextToVideoPipeline:
                           "mask": ms.Tensor(embeddings.mask[i : i + 1])}
             step_callback = None if callback is None else (lambda out, i=i: callback(i, out))
             sample = self.scheduler.sample_from_embeddings(
-                self.model, ms.Tensor(z), model_args, self.text_encoder.null(1),
+                self.denoiser, ms.Tensor(z), model_args, self.text_encoder.null(1),
                 additional_args=extra, mask=mask, generator=rng, progress=progress,
                 sampler=self.sampler, callback=step_callback)
             outputs.append(sample.asnumpy())

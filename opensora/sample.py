@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
     parser.add_argument("--num-frames", type=int)
     parser.add_argument("--format", choices=("mp4", "gif"), default="mp4")
+    parser.add_argument("--mode", choices=("pynative", "graph"), default="pynative",
+                        help="graph compiles the denoiser once (faster from ~5 steps on)")
     parser.add_argument("--allow-untrained", action="store_true",
                         help="sample from random transformer weights when none are found")
     return parser
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             t5_path=args.t5_path, tokenizer_path=args.tokenizer_path,
             num_sampling_steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
             sampler=args.sampler, num_frames=args.num_frames,
-            allow_untrained=args.allow_untrained)
+            allow_untrained=args.allow_untrained, mode=args.mode)
         if args.stage in ("all", "text"):
             prompts = read_prompts(args.prompt, args.prompt_file)
             if not prompts:

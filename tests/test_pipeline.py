@@ -75,6 +75,26 @@ def test_conditioned_frames_are_kept(pipeline: TextToVideoPipeline) -> None:
     np.testing.assert_allclose(out[:, :, 0], x_cond[:, :, 0], atol=1e-6)
 
 
+def test_graph_mode_samples_like_pynative(pipeline: TextToVideoPipeline) -> None:
+    graph = TextToVideoPipeline(pipeline.preset, pipeline.vae, pipeline.text_encoder,
+                                pipeline.model, pipeline.scheduler, pipeline.num_frames,
+                                pipeline.image_size, pipeline.fps, mode="graph")
+    embeddings = pipeline.encode_prompts(PROMPTS[:1])
+    np.testing.assert_allclose(graph.sample_latents(embeddings, [4]).latents,
+                               pipeline.sample_latents(embeddings, [4]).latents, atol=1e-3)
+    x_cond = np.zeros((1, *pipeline.latent_shape()), np.float32)
+    x_mask = np.array([[False, True, True, True]])
+    np.testing.assert_allclose(
+        graph.sample_latents(embeddings, [4], x_cond=x_cond, x_mask=x_mask).latents,
+        pipeline.sample_latents(embeddings, [4], x_cond=x_cond, x_mask=x_mask).latents,
+        atol=1e-3)
+    with pytest.raises(TypeError, match="no argument"):
+        graph.denoiser(None, None, None, colour=1)
+    with pytest.raises(ValueError, match="mode"):
+        TextToVideoPipeline(pipeline.preset, pipeline.vae, pipeline.text_encoder,
+                            pipeline.model, pipeline.scheduler, mode="fast")
+
+
 def test_bad_input_errors(pipeline: TextToVideoPipeline, vae_folder: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="non-empty"):
         pipeline.encode_prompts(["", "x"])
