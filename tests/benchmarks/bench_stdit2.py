@@ -72,12 +72,19 @@ def time_calls(fn: Callable[[], object], steps: int) -> tuple[float, float]:
     return first, float(np.median(times))
 
 
+def vae_downsampling(vae_folder) -> int:
+    """Spatial factor of a diffusers VAE folder: 2 per block after the first."""
+    config = json.loads((vae_folder / "config.json").read_text())
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--frames", type=int, default=None, help="latent frames (preset's)")
-    parser.add_argument("--latent-size", type=int, default=None, help="latent H = W (preset's/4)")
+    parser.add_argument("--latent-size", type=int, default=None,
+                        help="latent H = W (default: the preset's image through its VAE)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--json", default=None, help="also write the results here")
@@ -85,7 +92,7 @@ def main() -> None:
 
     preset = get_preset(args.preset)
     frames = args.frames or preset.num_frames
-    side = args.latent_size or preset.image_size[0] // 4  # the tiny VAE downsamples 4x
+    side = args.latent_size or preset.image_size[0] // vae_downsampling(preset.vae_path)
     model = build_model(preset, attn_backend=args.backend)
     model.set_train(True)
     model.y_embedder.uncond_prob = 0.0
