@@ -16,7 +16,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Zero, initializer
 
 from opensora.models.attention import QUERY_BLOCK_SIZE, attention
-from opensora.models.ops import gelu_tanh
+from opensora.models.ops import expand_to, gelu_tanh
 
 # --------------------------------------------------------------------------------------------
 # normalisation and small helpers
@@ -55,8 +55,9 @@ class RMSNorm(nn.Cell):
     def construct(self, x: Tensor) -> Tensor:
         dtype = x.dtype
         x32 = x.astype(ms.float32)
-        variance = (x32 * x32).mean(axis=-1, keep_dims=True)
-        return self.weight.astype(dtype) * (x32 * ops.rsqrt(variance + self.eps)).astype(dtype)
+        variance = ops.square(x32).mean(axis=-1, keep_dims=True)
+        normed = (x32 * expand_to(ops.rsqrt(variance + self.eps), x32.shape)).astype(dtype)
+        return expand_to(self.weight.astype(dtype), normed.shape) * normed
 
 
 class Mlp(nn.Cell):
@@ -88,7 +89,7 @@ class DropPath(nn.Cell):
 
 def t2i_modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """PixArt's adaLN-single modulation: shift/scale are (B, 1, C), shared by all tokens."""
-    return x * (1 + scale) + shift
+    return x * expand_to(1 + scale, x.shape) + expand_to(shift, x.shape)
 
 
 def t_mask_select(x_mask: Tensor, x: Tensor, masked_x: Tensor, num_t: int, num_s: int) -> Tensor:
@@ -166,6 +167,7 @@ class RotaryEmbedding(nn.Cell):
         freqs = 1.0 / theta ** (np.arange(0, dim, 2)[: dim // 2].astype(np.float32) / dim)
         self.freqs = Parameter(Tensor(freqs.astype(np.float32)), name="freqs", requires_grad=False)
         self.dim = dim
+        self.rotation = Tensor(pair_rotation(dim))  # a constant, not part of the checkpoint
 
     def cos_sin(self, seq_len: int, dtype: ms.dtype = ms.float32) -> tuple[Tensor, Tensor]:
         """cos and sin tables (seq_len, dim), each frequency repeated for its channel pair."""
@@ -177,7 +179,7 @@ class RotaryEmbedding(nn.Cell):
     def construct(self, x: Tensor) -> Tensor:
         """Rotate queries or keys (..., seq, dim) by their position along axis -2."""
         cos, sin = self.cos_sin(x.shape[-2], x.dtype)
-        return apply_rotary(x, cos, sin)
+        return apply_rotary(x, cos, sin, self.rotation)
 
 
 def rotate_pairs(x: Tensor) -> Tensor:
@@ -187,8 +189,22 @@ def rotate_pairs(x: Tensor) -> Tensor:
     return ops.stack([-second, first], axis=-1).reshape(x.shape)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return x * cos + rotate_pairs(x) * sin
+def pair_rotation(dim: int) -> np.ndarray:
+    """The (dim, dim) matrix R with x @ R == rotate_pairs(x).
+
+    Models rotate with this matmul: on CPU it is ~5x faster than the reshape + stack of
+    `rotate_pairs`, and exact (each output is one input times +-1)."""
+    rotation = np.zeros((dim, dim), np.float32)
+    rotation[1::2, 0::2] = -np.eye(dim // 2, dtype=np.float32)
+    rotation[0::2, 1::2] = np.eye(dim // 2, dtype=np.float32)
+    return rotation
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, rotation: Tensor | None = None) -> Tensor:
+    """x * cos + rotate_pairs(x) * sin; `rotation` (from `pair_rotation`) does the turn as a
+    matmul."""
+    turned = rotate_pairs(x) if rotation is None else ops.matmul(x, rotation.astype(x.dtype))
+    return x * expand_to(cos, x.shape) + turned * expand_to(sin, x.shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,8 +215,8 @@ class Attention(nn.Cell):
     """Multi-head self-attention with optional qk-norm (RMSNorm per head) and RoPE.
 
     RoPE is applied to q and k BEFORE qk-norm, as Open-Sora 1.1.0 does (later Open-Sora calls this
-    order `qk_norm_legacy`). The rotation tables are passed in (`rope=(cos, sin)`) so the single
-    `rope` module of STDiT2 is shared by all blocks without being registered in each of them.
+    order `qk_norm_legacy`). The rotation tables are passed in (`rope=(cos, sin, rotation)`) so
+    the single `rope` module of STDiT2 is shared by all blocks without being registered in each.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False,
@@ -221,7 +237,7 @@ class Attention(nn.Cell):
         self.attn_backend = attn_backend
         self.block_size = block_size
 
-    def qkv_heads(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None
+    def qkv_heads(self, x: Tensor, rope: tuple[Tensor, ...] | None = None
                   ) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v as (B, heads, N, head_dim), after RoPE and qk-norm (useful for inspection)."""
         batch, seq, _ = x.shape
@@ -229,14 +245,14 @@ class Attention(nn.Cell):
         qkv = qkv.transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         if rope is not None:
-            q = apply_rotary(q, rope[0], rope[1])
-            k = apply_rotary(k, rope[0], rope[1])
+            q = apply_rotary(q, *rope)
+            k = apply_rotary(k, *rope)
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
         return q, k, v
 
-    def construct(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def construct(self, x: Tensor, rope: tuple[Tensor, ...] | None = None) -> Tensor:
         batch, seq, channels = x.shape
         q, k, v = self.qkv_heads(x, rope)
         out = attention(q, k, v, None, self.attn_backend, self.block_size)

@@ -42,6 +42,7 @@ from opensora.models.layers import (
     t2i_modulate,
     t_mask_select,
 )
+from opensora.models.ops import expand_to
 
 
 class STDiTBlock(nn.Cell):
@@ -86,9 +87,10 @@ class STDiTBlock(nn.Cell):
         x_s = self.attn(x_m.reshape(batch * num_t, num_s, channels))
         x_s = x_s.reshape(batch, num_t * num_s, channels)
         if x_mask is not None:
-            x_s = t_mask_select(x_mask, gate_msa * x_s, gate_msa0 * x_s, num_t, num_s)
+            x_s = t_mask_select(x_mask, expand_to(gate_msa, x_s.shape) * x_s,
+                              expand_to(gate_msa0, x_s.shape) * x_s, num_t, num_s)
         else:
-            x_s = gate_msa * x_s
+            x_s = expand_to(gate_msa, x_s.shape) * x_s
         x = x + self.drop_path(x_s)
 
         # temporal branch (unnormalised input, spatial gate)
@@ -98,7 +100,8 @@ class STDiTBlock(nn.Cell):
             x_t = x_t + tpe
         x_t = self.attn_temp(x_t)
         x_t = x_t.reshape(batch, num_s, num_t, channels).transpose(0, 2, 1, 3)
-        x = x + self.drop_path(gate_msa * x_t.reshape(batch, num_t * num_s, channels))
+        x_t = x_t.reshape(batch, num_t * num_s, channels)
+        x = x + self.drop_path(expand_to(gate_msa, x_t.shape) * x_t)
 
         # cross attention
         x = x + self.cross_attn(x, y, mask)
@@ -110,9 +113,10 @@ class STDiTBlock(nn.Cell):
             x_m = t_mask_select(x_mask, x_m, x_m_zero, num_t, num_s)
         x_mlp = self.mlp(x_m)
         if x_mask is not None:
-            x_mlp = t_mask_select(x_mask, gate_mlp * x_mlp, gate_mlp0 * x_mlp, num_t, num_s)
+            x_mlp = t_mask_select(x_mask, expand_to(gate_mlp, x_mlp.shape) * x_mlp,
+                                  expand_to(gate_mlp0, x_mlp.shape) * x_mlp, num_t, num_s)
         else:
-            x_mlp = gate_mlp * x_mlp
+            x_mlp = expand_to(gate_mlp, x_mlp.shape) * x_mlp
         return x + self.drop_path(x_mlp)
 
 

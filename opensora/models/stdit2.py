@@ -38,6 +38,7 @@ from opensora.models.layers import (
     t2i_modulate,
     t_mask_select,
 )
+from opensora.models.ops import expand_to
 from opensora.models.stdit import (
     count_common_parameters,
     freeze_parameters,
@@ -82,8 +83,9 @@ class STDiT2Block(nn.Cell):
     def _gated(self, x_mask: Tensor | None, gate: Tensor, gate0: Tensor | None, branch: Tensor,
                num_t: int, num_s: int) -> Tensor:
         if x_mask is None:
-            return gate * branch
-        return t_mask_select(x_mask, gate * branch, gate0 * branch, num_t, num_s)
+            return expand_to(gate, branch.shape) * branch
+        return t_mask_select(x_mask, expand_to(gate, branch.shape) * branch,
+                             expand_to(gate0, branch.shape) * branch, num_t, num_s)
 
     def _modulated(self, normed: Tensor, x_mask: Tensor | None, shift: Tensor, scale: Tensor,
                    shift0: Tensor | None, scale0: Tensor | None, num_t: int,
@@ -97,7 +99,7 @@ class STDiT2Block(nn.Cell):
                   mask: Tensor | None = None, x_mask: Tensor | None = None,
                   t0: Tensor | None = None, t0_tmp: Tensor | None = None,
                   num_t: int = 1, num_s: int = 1,
-                  rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                  rope: tuple[Tensor, ...] | None = None) -> Tensor:
         batch, _, channels = x.shape
         mods = ops.chunk(self.scale_shift_table[None] + t.reshape(batch, 6, -1), 6, axis=1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
@@ -280,7 +282,7 @@ class STDiT2(nn.Cell):
             if mask.shape[0] != batch:
                 mask = ops.tile(mask, (batch // mask.shape[0], 1))
 
-        rope = self.rope.cos_sin(num_t, x.dtype)
+        rope = (*self.rope.cos_sin(num_t, x.dtype), self.rope.rotation)
         for block in self.blocks:
             x = block(x, y, t_spc_mlp, t_tmp_mlp, mask, x_mask, t0_spc_mlp, t0_tmp_mlp,
                       num_t, num_s, rope)
