@@ -211,6 +211,12 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, rotation: Tensor | None = 
 # attention layers
 
 
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """(B, N, heads * head_dim) -> (B, heads, N, head_dim)."""
+    batch, seq, channels = x.shape
+    return x.reshape(batch, seq, num_heads, channels // num_heads).transpose(0, 2, 1, 3)
+
+
 class Attention(nn.Cell):
     """Multi-head self-attention with optional qk-norm (RMSNorm per head) and RoPE.
 
@@ -240,10 +246,12 @@ class Attention(nn.Cell):
     def qkv_heads(self, x: Tensor, rope: tuple[Tensor, ...] | None = None
                   ) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v as (B, heads, N, head_dim), after RoPE and qk-norm (useful for inspection)."""
-        batch, seq, _ = x.shape
-        qkv = self.qkv(x).reshape(batch, seq, 3, self.num_heads, self.head_dim)
-        qkv = qkv.transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        batch, seq, channels = x.shape
+        # split before moving the head axis: under graph mode, indexing a transposed qkv tensor
+        # compiles to StridedSlice copies that cost more than the qkv matmul itself
+        q, k, v = ops.split(self.qkv(x), channels, axis=-1)
+        q, k, v = (split_heads(q, self.num_heads), split_heads(k, self.num_heads),
+                   split_heads(v, self.num_heads))
         if rope is not None:
             q = apply_rotary(q, *rope)
             k = apply_rotary(k, *rope)
@@ -287,8 +295,8 @@ class MultiHeadCrossAttention(nn.Cell):
         n_tok = cond.shape[1]
         q = self.q_linear(x).reshape(batch, seq, self.num_heads, self.head_dim)
         q = q.transpose(0, 2, 1, 3)
-        kv = self.kv_linear(cond).reshape(batch, n_tok, 2, self.num_heads, self.head_dim)
-        kv = kv.transpose(2, 0, 3, 1, 4)
+        k, v = ops.split(self.kv_linear(cond), channels, axis=-1)
+        kv = (split_heads(k, self.num_heads), split_heads(v, self.num_heads))
         key_mask = None
         if mask is not None:
             key_mask = mask.astype(ms.bool_).reshape(batch, 1, 1, n_tok)
