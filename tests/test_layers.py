@@ -21,6 +21,8 @@ from opensora.models.layers import (
     TimestepEmbedder,
     get_1d_sincos_pos_embed,
     get_2d_sincos_pos_embed,
+    pair_rotation,
+    rotate_pairs,
     sincos_1d,
 )
 
@@ -91,6 +93,16 @@ def test_rope_matches_rotary_embedding_torch_formula() -> None:
     rope = RotaryEmbedding(12)
     assert rope.freqs.shape == (6,) and not rope.freqs.requires_grad
     np.testing.assert_allclose(rope(_t(x)).asnumpy(), _numpy_rope(x), atol=1e-5)
+
+
+def test_pair_rotation_matmul_equals_rotate_pairs() -> None:
+    x = RNG.standard_normal((3, 5, 8)).astype(np.float32)
+    turned = rotate_pairs(_t(x)).asnumpy()
+    np.testing.assert_array_equal(x @ pair_rotation(8), turned)
+    np.testing.assert_array_equal(turned[..., 0], -x[..., 1])
+    np.testing.assert_array_equal(turned[..., 1], x[..., 0])
+    assert "freqs" in [p.name.split(".")[-1] for p in RotaryEmbedding(8).get_parameters()]
+    assert len(list(RotaryEmbedding(8).get_parameters())) == 1  # the rotation is no parameter
 
 
 def test_rope_depends_on_relative_position_only() -> None:

@@ -34,6 +34,7 @@ from opensora.checkpoint import (
     save_state_dict,
 )
 from opensora.models.attention import attention
+from opensora.models.ops import expand_to
 
 SD_SCALING_FACTOR = 0.18215
 CONFIG_NAME = "config.json"
@@ -181,7 +182,8 @@ class Conv2d(nn.Cell):
             columns = x.reshape(n, c, h * w)
         else:  # (N, C*k*k, out_h*out_w), rows ordered (channel, ky, kx) like the weight
             columns = ops.unfold(x, k, stride=s)
-        out = ops.matmul(weight, columns) + self.bias.reshape(1, self.out_channels, 1)
+        out = ops.matmul(weight, columns)
+        out = out + expand_to(self.bias.reshape(1, self.out_channels, 1), out.shape)
         return out.reshape(n, self.out_channels, out_h, out_w)
 
 
