@@ -8,7 +8,6 @@ so a job can resume from any of them or re-decode latents without sampling again
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ import mindspore as ms
 import numpy as np
 
 from opensora.checkpoint import CheckpointError, save_npz_atomic
+from opensora.models.compiled import compiled_forward
 from opensora.presets import Preset, build_model, get_preset
 
 IMAGE_FPS = 120  # the fps micro-condition Open-Sora 1.1 gives single images
@@ -103,29 +103,6 @@ def check_model_fits_preset(model: Any, preset: Preset, weights: Path | None) ->
     if diffs:
         raise CheckpointError(f"weights {weights} do not fit preset {preset.name!r}: "
                               + "; ".join(diffs) + ". Pick the preset the weights were made for.")
-
-
-def compiled_forward(model: Any) -> Callable[..., Any]:
-    """The model's forward pass compiled with `mindspore.jit` (graph mode), called like the
-    model. Keywords are put in the order of the model's `construct`, because a compiled
-    function takes a fixed positional signature; each new set of input shapes (or of inputs
-    left as None) compiles once, so a sampling loop compiles on its first step only."""
-    names = list(inspect.signature(model.construct).parameters)
-
-    @ms.jit
-    def forward(*args: Any) -> Any:
-        return model(*args)
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        unknown = set(kwargs) - set(names)
-        if unknown:
-            raise TypeError(f"{type(model).__name__} takes no argument(s) {sorted(unknown)}")
-        values = list(args) + [kwargs.get(name) for name in names[len(args):]]
-        while values and values[-1] is None:
-            values.pop()
-        return forward(*values)
-
-    return call
 
 
 class TextToVideoPipeline:

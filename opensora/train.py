@@ -578,9 +578,12 @@ def micro_condition_arrays(batch: int, num_frames: int, image_size: tuple[int, i
 
 def sample_latents(model: nn.Cell, y: np.ndarray, mask: np.ndarray, latent_shape: Sequence[int],
                    image_size: tuple[int, int], fps: float, num_sampling_steps: int = 50,
-                   cfg_scale: float = 4.0, seed: int = 0, progress: bool = False) -> np.ndarray:
+                   cfg_scale: float = 4.0, seed: int = 0, progress: bool = False,
+                   graph: bool = False) -> np.ndarray:
     """Guided IDDPM sampling from caption features y (B, L, C) / mask (B, L): latents
-    (B, C, T, h, w). The null caption is the model's learned one, as in Open-Sora."""
+    (B, C, T, h, w). The null caption is the model's learned one, as in Open-Sora. `graph`
+    runs the denoiser compiled (`opensora.models.compiled`)."""
+    from opensora.models.compiled import compiled_forward
     from opensora.schedulers.iddpm import IDDPM
 
     was_training = model.training
@@ -597,7 +600,8 @@ def sample_latents(model: nn.Cell, y: np.ndarray, mask: np.ndarray, latent_shape
     if all(n in inspect.signature(model.construct).parameters for n in MICRO_CONDITIONS):
         micro = micro_condition_arrays(2 * batch, latent_shape[1], image_size, fps)
         args.update({k: Tensor(v) for k, v in micro.items()})
-    out = scheduler.sample_from_embeddings(model, z, args, null, generator=rng,
+    denoiser = compiled_forward(model) if graph else model
+    out = scheduler.sample_from_embeddings(denoiser, z, args, null, generator=rng,
                                            progress=progress)
     model.set_train(was_training)
     return out.asnumpy()
@@ -616,8 +620,10 @@ class SampleCallback(Callback):
                  vae: Any, latent_shape: Sequence[int], image_size: tuple[int, int],
                  fps: float = 8, num_sampling_steps: int = 25, cfg_scale: float = 4.0,
                  seed: int = 0, use_ema: bool = True,
-                 on_samples: Callable[[int, np.ndarray, Sequence[str]], None] | None = None):
+                 on_samples: Callable[[int, np.ndarray, Sequence[str]], None] | None = None,
+                 graph: bool = False):
         self.every = int(every)
+        self.graph = graph
         self.y, self.mask, self.captions = y, mask, list(captions)
         self.vae = vae
         self.latent_shape = tuple(latent_shape)
@@ -650,7 +656,7 @@ class SampleCallback(Callback):
         try:
             latents = sample_latents(model, self.y, self.mask, self.latent_shape,
                                      self.image_size, self.fps, self.num_sampling_steps,
-                                     self.cfg_scale, self.seed)
+                                     self.cfg_scale, self.seed, graph=self.graph)
         finally:
             if saved is not None:
                 load_checkpoint(model, saved, strict=True)
@@ -878,8 +884,9 @@ def export_pretrained(model: nn.Cell, folder: str | os.PathLike,
 def evaluate_captions(model: nn.Cell, vae: Any, text_encoder: Any, captions: Sequence[str],
                       num_frames: int, image_size: tuple[int, int], fps: float = 8,
                       num_sampling_steps: int = 50, cfg_scale: float = 4.0, seed: int = 0,
-                      batch_size: int = 4) -> tuple[Any, np.ndarray]:
-    """Sample one clip per caption and score colour and motion (`opensora.evaluation`)."""
+                      batch_size: int = 4, graph: bool = False) -> tuple[Any, np.ndarray]:
+    """Sample one clip per caption and score colour and motion (`opensora.evaluation`);
+    `graph` samples with the compiled denoiser."""
     from opensora.evaluation import score_clips
 
     latent_channels = getattr(vae, "out_channels", 4)
@@ -891,7 +898,7 @@ def evaluate_captions(model: nn.Cell, vae: Any, text_encoder: Any, captions: Seq
         chunk = list(captions[start : start + batch_size])
         y, mask = caption_embeddings(text_encoder, chunk)
         latents = sample_latents(model, y, mask, latent_shape, image_size, fps,
-                                 num_sampling_steps, cfg_scale, seed + start)
+                                 num_sampling_steps, cfg_scale, seed + start, graph=graph)
         clips.extend(decode_latents(vae, latents))
     clips = np.stack(clips)
     return score_clips(clips, captions), clips

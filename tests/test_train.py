@@ -19,6 +19,7 @@ from opensora.train import (
     TrainStep,
     checkpoint_dirs,
     read_loss_csv,
+    sample_latents,
     seed_everything,
 )
 
@@ -90,6 +91,18 @@ def test_loss_falls(cached: dict[str, Path], tmp_path: Path) -> None:
     assert [int(r["step"]) for r in rows] == list(range(1, 17))
     assert [d.name for d in checkpoint_dirs(tmp_path)] == ["step_000016"]  # the final step
     assert history.steps_per_second() > 0
+
+
+def test_sampling_with_the_compiled_denoiser_matches_pynative() -> None:
+    seed_everything(3)
+    model = STDiT2(**TINY)
+    y = np.random.default_rng(0).standard_normal((2, 4, 8)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.int32)
+    args = (model, y, mask, (4, 4, 8, 8), (64, 64), 8, 3)
+    eager = sample_latents(*args, seed=1)
+    graph = sample_latents(*args, seed=1, graph=True)
+    np.testing.assert_allclose(graph, eager, atol=1e-4)
+    assert not model.training
 
 
 def test_resume_continues_the_same_loss_curve(cached: dict[str, Path], tmp_path: Path) -> None:
