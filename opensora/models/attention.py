@@ -109,10 +109,10 @@ def chunked_attention(q: ms.Tensor, k: ms.Tensor, v: ms.Tensor, mask: ms.Tensor 
     q_blocks = ops.split((q * scale).astype(ms.float32), block_size, axis=-2)
     k_blocks = ops.split(k.astype(ms.float32).swapaxes(-1, -2), key_block_size, axis=-1)
     v_blocks = ops.split(v.astype(ms.float32), key_block_size, axis=-2)
-    mask_rows = _split_rows(mask, block_size, len(q_blocks))
+    mask_rows = _split_mask(mask, block_size, len(q_blocks), -2)
     outputs = []
     for q_blk, rows in zip(q_blocks, mask_rows):
-        mask_tiles = _split_keys(rows, key_block_size, len(k_blocks))
+        mask_tiles = _split_mask(rows, key_block_size, len(k_blocks), -1)
         if len(k_blocks) == 1:
             scores = _masked(ops.matmul(q_blk, k_blocks[0]), mask_tiles[0])
             outputs.append(ops.matmul(ops.softmax(scores, axis=-1), v_blocks[0]))
@@ -138,19 +138,13 @@ def chunked_attention(q: ms.Tensor, k: ms.Tensor, v: ms.Tensor, mask: ms.Tensor 
     return out.astype(v.dtype)
 
 
-def _split_rows(mask: ms.Tensor | None, block_size: int, count: int) -> list[ms.Tensor | None]:
-    """The mask's query rows in blocks; a mask shared by all queries (one row) is reused."""
-    if mask is None or mask.shape[-2] == 1:
-        return [mask] * count
-    return list(ops.split(mask, block_size, axis=-2))
-
-
-def _split_keys(mask: ms.Tensor | None, key_block_size: int, count: int
+def _split_mask(mask: ms.Tensor | None, size: int, count: int, axis: int
                 ) -> list[ms.Tensor | None]:
-    """The mask's key columns in blocks; a mask shared by all keys (one column) is reused."""
-    if mask is None or mask.shape[-1] == 1:
+    """The mask in blocks of `size` along `axis` (-2: query rows, -1: keys); a mask of size 1
+    there (shared by all queries, or by all keys) is reused for every block."""
+    if mask is None or mask.shape[axis] == 1:
         return [mask] * count
-    return list(ops.split(mask, key_block_size, axis=-1))
+    return list(ops.split(mask, size, axis=axis))
 
 
 def flash_attention(q: ms.Tensor, k: ms.Tensor, v: ms.Tensor,
