@@ -45,14 +45,14 @@ bench: $(STAMP)
 data: $(STAMP)
 	$(PY) -m opensora.data.synthetic --out data_samples --tokenizer
 
-# The tiny preset's VAE: trained from scratch on data_samples/ (seeded; about 15 CPU minutes).
+# The tiny preset's VAE: trained from scratch on data_samples/ (seeded; about 105 CPU minutes).
 tiny-vae: $(STAMP)
 	$(PY) -u -m opensora.train_vae --out data_samples/models/vae_tiny
 
 # The tiny preset's STDiT2: the training chapter run as a job, exporting the EMA weights.
 tiny-weights: $(STAMP)
 	$(PY) -m opensora.jobs notebooks/06_training.ipynb -o runs/tiny-weights \
-	  -p steps 800 -p lr 5e-4 -p sample_every 0 -p export_dir data_samples/models/stdit2_tiny
+	  -p steps 2400 -p lr 1e-3 -p sample_every 0 -p export_dir data_samples/models/stdit2_tiny
 
 clean:
 	rm -rf _build .pytest_cache .ruff_cache runs

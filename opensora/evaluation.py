@@ -144,3 +144,36 @@ def score_clips(clips: Sequence[np.ndarray], captions: Sequence[str], **kwargs: 
     if len(clips) != len(captions):
         raise ValueError(f"{len(clips)} clips but {len(captions)} captions")
     return Scores([score_clip(clip, caption, **kwargs) for clip, caption in zip(clips, captions)])
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """How the generated frames of a conditioned clip relate to the given ones (chapter 5)."""
+
+    color: str | None  # dominant colour of the generated frames
+    direction: str | None  # motion direction over the generated frames
+    boundary_jump: float  # mean centroid shift (px) across given <-> generated borders; NaN: none
+    typical_step: float  # median centroid shift (px) between consecutive frames of the clip
+
+
+def continuation(clip: np.ndarray, generated: Sequence[bool], threshold: float = 60.0,
+                 min_pixels: int = 10) -> Continuation:
+    """Colour and direction of the `generated` frames, and whether the shape jumps where given
+    frames meet generated ones: a continuation moves across the border by about one ordinary
+    frame-to-frame step, a restart jumps."""
+    frames = as_uint8_frames(clip)
+    generated = np.asarray(generated, bool)
+    if generated.shape != (len(frames),):
+        raise ValueError(f"generated has shape {generated.shape}, the clip {len(frames)} frames")
+    if not generated.any():
+        raise ValueError("no generated frames to describe")
+    points = centroids(frames, threshold, min_pixels)
+    steps = np.linalg.norm(np.diff(points, axis=0), axis=1)  # NaN next to shapeless frames
+    borders = steps[np.flatnonzero(generated[1:] != generated[:-1])]
+    finite_borders, finite_steps = borders[np.isfinite(borders)], steps[np.isfinite(steps)]
+    new = frames[generated]
+    return Continuation(
+        color=dominant_color(new, threshold, min_pixels),
+        direction=motion_direction(new, threshold, min_pixels),
+        boundary_jump=float(finite_borders.mean()) if finite_borders.size else float("nan"),
+        typical_step=float(np.median(finite_steps)) if finite_steps.size else float("nan"))

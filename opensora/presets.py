@@ -152,6 +152,17 @@ def count_model_parameters(preset: Preset | str) -> int:
     return count(**preset.model)
 
 
+def preset_scaling_factor(preset: Preset | str) -> float:
+    """The latent scale of the preset's VAE (its config.json), SD's 0.18215 without a VAE path:
+    cached latents are multiplied by it, so it must be the one the sampler decodes with."""
+    from opensora.models.vae import SD_SCALING_FACTOR, AutoencoderKLConfig
+
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    if preset.vae_path is None:
+        return SD_SCALING_FACTOR
+    return AutoencoderKLConfig.from_json(preset.vae_path / "config.json").scaling_factor
+
+
 def get_preset(name: str) -> Preset:
     """Look a preset up by name, with the list of valid names in the error."""
     try:

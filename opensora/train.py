@@ -940,7 +940,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from opensora.data.dataset import VideoCaptionDataset
     from opensora.parallel.context import init_parallel
-    from opensora.presets import DATA_SAMPLES, build_model, get_preset
+    from opensora.presets import DATA_SAMPLES, build_model, get_preset, preset_scaling_factor
     from opensora.schedulers.iddpm import IDDPM
 
     parser = argparse.ArgumentParser(prog="python -m opensora.train",
@@ -978,7 +978,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.csv, num_frames=preset.num_frames, frame_interval=preset.frame_interval,
         image_size=preset.image_size, batch_size=args.batch_size,
         latent_folder=args.latent_folder, text_folder=args.text_folder, seed=args.seed,
-        warn=info.is_main)
+        latent_scaling_factor=preset_scaling_factor(preset), warn=info.is_main)
     step = TrainStep(model, IDDPM(), lr=args.lr, grad_clip=args.grad_clip,
                      ema_decay=args.ema_decay, mode=args.mode, recompute=args.recompute,
                      dtype=args.dtype, parallel=info)

@@ -10,7 +10,13 @@ import pytest
 
 from opensora.data.synthetic import ClipSpec, render_clip
 from opensora.data.video import read_video
-from opensora.evaluation import dominant_color, motion_direction, score_clip, score_clips
+from opensora.evaluation import (
+    continuation,
+    dominant_color,
+    motion_direction,
+    score_clip,
+    score_clips,
+)
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data_samples"
 
@@ -46,3 +52,20 @@ def test_no_shape_or_no_motion_scores_none() -> None:
     assert score.color_ok and not score.motion_ok
     with pytest.raises(ValueError, match="2 clips but 1 captions"):
         score_clips([empty, empty], ["x"])
+
+
+def test_continuation_tells_a_continued_motion_from_a_restart() -> None:
+    spec = ClipSpec("red", "square", "right", "black", (12.0, 32.0), 2.0, 6.0)
+    frames = render_clip(spec, num_frames=24, size=64, supersample=1)[:16]
+    generated = np.arange(16) >= 4  # the first 4 frames were given (video extension)
+    smooth = continuation(frames, generated)
+    assert (smooth.color, smooth.direction) == ("red", "right")
+    assert smooth.typical_step == pytest.approx(2.0, abs=0.3)
+    assert smooth.boundary_jump == pytest.approx(smooth.typical_step, abs=0.3)
+    far = render_clip(spec, num_frames=24, size=64, supersample=1)[12:]
+    restart = np.concatenate([frames[:4], far])  # the new frames start elsewhere
+    jumped = continuation(restart, generated)
+    assert jumped.direction == "right"
+    assert jumped.boundary_jump > 4 * jumped.typical_step
+    with pytest.raises(ValueError, match="16 frames"):
+        continuation(frames, generated[:8])

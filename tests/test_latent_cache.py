@@ -108,3 +108,16 @@ def test_cli_exits_non_zero_when_a_video_fails(clips: Path, vae, tmp_path: Path)
         main(["--csv", str(csv_path), "--vae", str(folder), "--out", str(clips / "cli")])
     assert exit_info.value.code == 1
     assert (clips / "cli" / "videos" / "clip_000.npz").is_file()
+
+
+def test_a_folder_encoded_by_another_vae_is_refused(clips: Path, vae) -> None:
+    csv_path = write_csv(clips, ["videos/clip_000.mp4"])
+    cache_latents(csv_path, clips / "out", vae, progress=False)
+    ms.set_seed(1)
+    other = VideoAutoencoderKL(AutoencoderKL(vae.module.config))
+    with pytest.raises(ValueError, match="latents of another VAE.*overwrite"):
+        cache_latents(csv_path, clips / "out", other, progress=False)
+    report = cache_latents(csv_path, clips / "out", other, overwrite=True, progress=False)
+    assert report.written == 1
+    again = cache_latents(csv_path, clips / "out", other, progress=False)
+    assert (again.written, again.skipped) == (0, 1), "the new VAE now owns the folder"

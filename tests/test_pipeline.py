@@ -81,13 +81,14 @@ def test_graph_mode_samples_like_pynative(pipeline: TextToVideoPipeline) -> None
                                 pipeline.image_size, pipeline.fps, mode="graph")
     embeddings = pipeline.encode_prompts(PROMPTS[:1])
     np.testing.assert_allclose(graph.sample_latents(embeddings, [4]).latents,
-                               pipeline.sample_latents(embeddings, [4]).latents, atol=1e-3)
+                               pipeline.sample_latents(embeddings, [4]).latents,
+                               rtol=1e-4, atol=1e-3)  # float32 op order differs when compiled
     x_cond = np.zeros((1, *pipeline.latent_shape()), np.float32)
     x_mask = np.array([[False, True, True, True]])
     np.testing.assert_allclose(
         graph.sample_latents(embeddings, [4], x_cond=x_cond, x_mask=x_mask).latents,
         pipeline.sample_latents(embeddings, [4], x_cond=x_cond, x_mask=x_mask).latents,
-        atol=1e-3)
+        rtol=1e-4, atol=1e-3)
     with pytest.raises(TypeError, match="no argument"):
         graph.denoiser(None, None, None, colour=1)
     with pytest.raises(ValueError, match="mode"):

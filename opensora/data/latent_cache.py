@@ -11,7 +11,9 @@ With `image_size` the frames are resized and centre-cropped first; `multi_resolu
 writes under `OUT/latent_{H}x{W}/...`, so one folder holds caches for several bucket resolutions.
 Files are written atomically: an interrupted run leaves only complete files and the next run
 skips them (resumable). An unreadable video is reported with its csv line and error and does not
-stop the others.
+stop the others. `vae.json` in the folder records a fingerprint of the VAE's weights: resuming
+into a folder encoded by another VAE is an error (stale latents would silently train a model for
+the wrong decoder), unless `overwrite` re-encodes everything.
 
     python -m opensora.data.latent_cache --csv data_samples/video_caption.csv \\
         --vae data_samples/models/vae_tiny --out cache/latents
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +82,35 @@ def encode_video_moments(vae: Any, video: np.ndarray) -> tuple[np.ndarray, np.nd
     return mean.asnumpy()[0].astype(np.float32), std.asnumpy()[0].astype(np.float32)
 
 
+FINGERPRINT_FILE = "vae.json"
+
+
+def vae_fingerprint(vae: Any) -> str:
+    """sha256 (16 hex digits) over the VAE's parameter names and values: identical weights,
+    identical latents."""
+    digest = hashlib.sha256()
+    for param in sorted(vae.get_parameters(), key=lambda p: p.name):
+        digest.update(param.name.encode())
+        digest.update(np.ascontiguousarray(param.asnumpy()).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def claim_folder(out_dir: Path, fingerprint: str, overwrite: bool) -> None:
+    """Record the VAE that encodes into `out_dir`; refuse a folder another VAE filled."""
+    record = out_dir / FINGERPRINT_FILE
+    if record.is_file() and not overwrite:
+        previous = json.loads(record.read_text()).get("vae_fingerprint")
+        if previous != fingerprint:
+            raise ValueError(
+                f"{out_dir} holds latents of another VAE (fingerprint {previous}, this VAE "
+                f"{fingerprint}); use a new folder, delete it, or pass overwrite=True "
+                "(--overwrite) to re-encode every video")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"vae_fingerprint": fingerprint}) + "\n")
+    os.replace(tmp, record)
+
+
 def cache_latents(csv_path: str | os.PathLike, out_dir: str | os.PathLike, vae: Any,
                   image_size: tuple[int, int] | None = None, multi_resolution: bool = False,
                   video_column: str = "video", overwrite: bool = False,
@@ -89,6 +122,7 @@ def cache_latents(csv_path: str | os.PathLike, out_dir: str | os.PathLike, vae: 
     csv_path = Path(csv_path)
     out_dir = resolution_folder(out_dir, image_size) if multi_resolution else Path(out_dir)
     rows = read_video_rows(csv_path, video_column)
+    claim_folder(out_dir, vae_fingerprint(vae), overwrite)
     report = LatentCacheReport(written=0, skipped=0, out_dir=out_dir)
     done: set[Path] = set()
     bar = tqdm(rows, desc="VAE latents", unit="video", disable=not progress)

@@ -542,7 +542,8 @@ class AutoencoderKL(nn.Cell):
 class VideoAutoencoderKL(nn.Cell):
     """Open-Sora's `VideoAutoencoderKL`: a 2D VAE applied to every frame of a clip.
 
-    `encode` returns latents already multiplied by `scaling_factor` (0.18215), shaped
+    `encode` returns latents already multiplied by `scaling_factor` (0.18215 for the SD VAE;
+    `from_pretrained` reads it from the folder's config.json, diffusers' convention), shaped
     (B, latent_channels, T, H/f, W/f). Open-Sora draws a posterior *sample* here
     (`sample_posterior=True`, the default) rather than taking the mean; `sample_posterior=False`
     gives the deterministic mean, which is what a cache stores next to the std.
@@ -563,10 +564,13 @@ class VideoAutoencoderKL(nn.Cell):
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, micro_batch_size: int | None = None,
-                        scaling_factor: float = SD_SCALING_FACTOR,
+                        scaling_factor: float | None = None,
                         attention_backend: str = "math") -> VideoAutoencoderKL:
-        return cls(AutoencoderKL.from_pretrained(folder, attention_backend=attention_backend),
-                   micro_batch_size, scaling_factor)
+        """`scaling_factor` None: the config's (1 / std of the VAE's latents, so the diffusion
+        model sees unit-variance inputs; the SD VAE's is 0.18215)."""
+        vae = AutoencoderKL.from_pretrained(folder, attention_backend=attention_backend)
+        scale = vae.config.scaling_factor if scaling_factor is None else scaling_factor
+        return cls(vae, micro_batch_size, scale)
 
     def get_latent_size(self, input_size: Sequence[int | None]) -> list[int | None]:
         """(T, H, W) of a clip -> (T, H/f, W/f) of its latent."""
