@@ -50,8 +50,12 @@ tiny-vae: $(STAMP)
 	$(PY) -u -m opensora.train_vae --out data_samples/models/vae_tiny
 
 # The tiny preset's STDiT2: the training chapter run as a job, exporting the EMA weights.
+# Joint image / video training (Open-Sora 1.1 buckets): a batch of 64 stills or of 8 clips.
+TINY_BUCKETS = {"64": {16: [1.0, 8], 1: [0.5, 64]}}
+
 tiny-weights: $(STAMP)
 	$(PY) -m opensora.jobs notebooks/06_training.ipynb -o runs/tiny-weights \
+	  -p csv_path data_samples/image_video_caption.csv -p bucket_config '$(TINY_BUCKETS)' \
 	  -p steps 2400 -p lr 1e-3 -p sample_every 0 -p export_dir data_samples/models/stdit2_tiny
 
 clean:

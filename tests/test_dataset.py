@@ -191,6 +191,31 @@ def test_probabilities_split_clips_between_buckets(video_csv: Path) -> None:
         assert batch["num_frames"][0] == frames and batch["height"][0] == height
 
 
+def test_stills_and_clips_train_together_in_image_and_video_buckets(tmp_path: Path) -> None:
+    """The joint csv of data_samples: pngs go to the 1-frame cell, clips to the video cell."""
+    rows = []
+    with (SAMPLES / "image_video_caption.csv").open() as handle:
+        joint = list(csv.DictReader(handle))
+    picked = [r for r in joint if r["video"].startswith("images/")][:4]
+    picked += [r for r in joint if r["video"].startswith("videos/")][:2]
+    for row in picked:
+        (tmp_path / row["video"]).parent.mkdir(exist_ok=True)
+        shutil.copy(SAMPLES / row["video"], tmp_path / row["video"])
+        rows.append((row["video"], row["caption"]))
+    data = VideoCaptionDataset(_write_csv(tmp_path / "joint.csv", rows), bucket_config={
+        "64": {16: (1.0, 2), 1: (1.0, 4)}})
+    assert len(data) == 6 and not data.skipped
+    plan = data.plan(0, 2)
+    assert sorted(spec.bucket[1] for spec in plan) == [1, 16]
+    for spec in plan:
+        batch = data.load_batch(spec)
+        if spec.bucket[1] == 1:
+            assert batch["x"].shape == (4, 3, 1, 64, 64)
+            assert (batch["fps"] == 120.0).all() and (batch["num_frames"] == 1).all()
+        else:
+            assert batch["x"].shape == (2, 3, 16, 64, 64) and (batch["fps"] == 8.0).all()
+
+
 def test_subset_csv_keeps_paths_valid(video_csv: Path, tmp_path: Path) -> None:
     from opensora.data.dataset import subset_csv
 

@@ -176,6 +176,31 @@ def test_vlb_of_a_perfect_model_is_zero():
     np.testing.assert_allclose(normal_kl(m1, lv, m1, lv).asnumpy(), 0.0, atol=1e-7)
 
 
+def test_min_snr_weights_scale_only_the_mse_term():
+    """snr_gamma: mse at step t times min(SNR_t, gamma) / SNR_t; vb untouched; None = Open-Sora."""
+    rng = np.random.default_rng(4)
+    x0 = rng.uniform(-0.9, 0.9, (4, 3, 2, 4, 4)).astype(np.float32)
+    noise = rng.standard_normal(x0.shape).astype(np.float32)
+    guess = np.concatenate([noise + 0.3, np.zeros_like(noise)], axis=1)
+    t = Tensor(np.array([0, 50, 300, 999], dtype=np.int32))
+    plain, weighted = IDDPM(), IDDPM(snr_gamma=5.0)
+    np.testing.assert_array_equal(plain.mse_weights(), 1.0)
+    weights = weighted.mse_weights()
+    snr = plain.schedule.alphas_cumprod / (1.0 - plain.schedule.alphas_cumprod)
+    np.testing.assert_allclose(weights, np.minimum(snr, 5.0) / snr, rtol=1e-12)
+    assert weights[0] < 1e-3 and weights[-1] == 1.0 and (np.diff(weights) >= 0).all()
+    args = (constant_model(guess), Tensor(x0), t)
+    a = plain.training_losses(*args, noise=Tensor(noise))
+    b = weighted.training_losses(*args, noise=Tensor(noise))
+    picked = weights[[0, 50, 300, 999]]
+    np.testing.assert_allclose(b["mse"].asnumpy(), a["mse"].asnumpy() * picked, rtol=1e-5)
+    np.testing.assert_allclose(b["vb"].asnumpy(), a["vb"].asnumpy(), rtol=1e-6)
+    x0_weights = IDDPM(snr_gamma=5.0, predict_xstart=True).mse_weights()
+    np.testing.assert_allclose(x0_weights, np.minimum(snr, 5.0), rtol=1e-12)
+    with pytest.raises(ValueError, match="snr_gamma"):
+        IDDPM(snr_gamma=0)
+
+
 def test_decoder_nll_at_t0_is_the_mass_of_the_8bit_bin():
     """At t = 0 the VLB term is -log2 P(x_0's bin of width 2/255) under p(x_0 | x_1)."""
     diffusion = IDDPM()

@@ -81,3 +81,28 @@ def test_parse_caption_roundtrip() -> None:
     assert synthetic.parse_caption(caption) == {
         "color": "blue", "shape": "triangle", "direction": "down", "background": "white"}
     assert synthetic.parse_caption("a purple hexagon")["color"] is None
+
+
+def test_committed_stills_are_frames_of_training_clips(tmp_path: Path) -> None:
+    """Stills for joint image training: generator output, motion-free captions, training clips
+    only, and a joint csv that lists them before the videos."""
+    paths = synthetic.write_dataset(tmp_path, num_clips=2, num_images=2)
+    with paths["image_csv"].open() as handle:
+        rows = list(csv.DictReader(handle))
+    with (DATA_SAMPLES / "image_caption.csv").open() as handle:
+        committed = list(csv.DictReader(handle))
+    assert len(committed) == 512 and rows == committed[:2]
+    train, _ = synthetic.plan_dataset(num_clips=2)
+    for row, (spec, frame) in zip(rows, synthetic.plan_stills(train, 2)):
+        still = read_frames(tmp_path / row["video"])
+        assert still.shape == (1, 64, 64, 3)
+        np.testing.assert_array_equal(still[0], synthetic.render_frame(spec, frame))
+        np.testing.assert_array_equal(read_frames(DATA_SAMPLES / row["video"]), still)
+        assert row["caption"] == synthetic.still_caption_for(spec.color, spec.shape,
+                                                             spec.background)
+        assert synthetic.parse_caption(row["caption"])["direction"] is None
+    with (DATA_SAMPLES / "image_video_caption.csv").open() as handle:
+        joint = list(csv.DictReader(handle))
+    with (DATA_SAMPLES / "video_caption.csv").open() as handle:
+        videos = list(csv.DictReader(handle))
+    assert joint == committed + videos

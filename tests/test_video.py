@@ -108,3 +108,21 @@ def test_read_image(tmp_path: Path) -> None:
     assert read_image(tmp_path / "frame.png", size=(16, 16)).shape == (3, 1, 16, 16)
     with pytest.raises(VideoReadError, match="not found"):
         read_image(tmp_path / "none.png")
+
+
+def test_a_still_reads_as_a_one_frame_clip(tmp_path: Path) -> None:
+    """Images sit in training csvs next to videos (1.1's image buckets): one frame at IMG_FPS."""
+    from PIL import Image
+
+    from opensora.data.video import IMG_FPS
+
+    frame = _moving_square()[3]
+    Image.fromarray(frame).save(tmp_path / "still.png")
+    info = video_info(tmp_path / "still.png")
+    assert (info.num_frames, info.height, info.width, info.fps) == (1, 32, 32, IMG_FPS)
+    assert np.array_equal(read_frames(tmp_path / "still.png", 1)[0], frame)
+    with pytest.raises(VideoReadError, match="need 2 frames"):
+        read_frames(tmp_path / "still.png", 2)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(VideoReadError, match="cannot decode image"):
+        video_info(tmp_path / "bad.png")

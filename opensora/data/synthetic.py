@@ -3,7 +3,10 @@
 Each clip shows one coloured shape gliding in one direction over a plain background, captioned
 with exactly what it shows. The world is small enough for a tiny model to learn on a CPU, yet
 compositional: some (colour, shape, direction) combinations are held out of training, so a
-trained model can be asked for clips it has never seen.
+trained model can be asked for clips it has never seen. Stills (single frames of the training
+clips, captioned without motion) come with it for Open-Sora 1.1-style joint image / video
+training: an image costs a sixteenth of a 16-frame clip, so colour and shape are learned from
+many more samples per CPU second.
 
     python -m opensora.data.synthetic --out data_samples
 """
@@ -72,6 +75,11 @@ def caption_for(color: str, shape: str, direction: str, background: str) -> str:
     return f"a {color} {shape} moving {direction} on a {background} background"
 
 
+def still_caption_for(color: str, shape: str, background: str) -> str:
+    """A still shows no motion, so its caption names none."""
+    return f"a {color} {shape} on a {background} background"
+
+
 def _shape_mask(shape: str, xs: np.ndarray, ys: np.ndarray, cx: float, cy: float,
                 half: float) -> np.ndarray:
     dx, dy = xs - cx, ys - cy
@@ -85,24 +93,26 @@ def _shape_mask(shape: str, xs: np.ndarray, ys: np.ndarray, cx: float, cy: float
     raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES}")
 
 
-def render_clip(spec: ClipSpec, num_frames: int = 32, size: int = 64,
-                supersample: int = 4) -> np.ndarray:
-    """(T, H, W, 3) uint8 frames, anti-aliased by rendering at `supersample` x resolution."""
+def render_frame(spec: ClipSpec, t: int, size: int = 64, supersample: int = 4) -> np.ndarray:
+    """Frame `t` of the clip, (H, W, 3) uint8, anti-aliased by rendering at `supersample` x."""
     big = size * supersample
     coords = (np.arange(big, dtype=np.float32) + 0.5) / supersample
     xs, ys = np.meshgrid(coords, coords)
     color = np.array(COLORS[spec.color], np.float32)
     background = np.array(BACKGROUNDS[spec.background], np.float32)
     step_x, step_y = DIRECTIONS[spec.direction]
-    frames = np.empty((num_frames, size, size, 3), np.uint8)
-    for t in range(num_frames):
-        cx = spec.start[0] + step_x * spec.speed * t
-        cy = spec.start[1] + step_y * spec.speed * t
-        mask = _shape_mask(spec.shape, xs, ys, cx, cy, spec.half_size)
-        coverage = mask.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
-        image = background + coverage[..., None] * (color - background)
-        frames[t] = np.round(image).astype(np.uint8)
-    return frames
+    cx = spec.start[0] + step_x * spec.speed * t
+    cy = spec.start[1] + step_y * spec.speed * t
+    mask = _shape_mask(spec.shape, xs, ys, cx, cy, spec.half_size)
+    coverage = mask.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
+    image = background + coverage[..., None] * (color - background)
+    return np.round(image).astype(np.uint8)
+
+
+def render_clip(spec: ClipSpec, num_frames: int = 32, size: int = 64,
+                supersample: int = 4) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames."""
+    return np.stack([render_frame(spec, t, size, supersample) for t in range(num_frames)])
 
 
 def _random_spec(rng: np.random.Generator, color: str, shape: str, direction: str,
@@ -149,6 +159,14 @@ def plan_dataset(num_clips: int = 64, num_frames: int = 32, size: int = 64,
     return train, heldout
 
 
+def plan_stills(train: list[ClipSpec], num_images: int, num_frames: int = 32,
+                seed: int = 0) -> list[tuple[ClipSpec, int]]:
+    """(training clip, frame index) for each still: frames of the training clips only, so no
+    held-out clip is ever seen, cycling through the clips in order."""
+    rng = np.random.default_rng([seed, 7])
+    return [(train[i % len(train)], int(rng.integers(num_frames))) for i in range(num_images)]
+
+
 def parse_caption(caption: str) -> dict[str, str]:
     """Invert `caption_for`: the attributes a caption asks for (used to score generated clips)."""
     words = caption.lower().replace(",", " ").split()
@@ -170,8 +188,12 @@ def _write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
 
 
 def write_dataset(out: str | Path, num_clips: int = 64, num_frames: int = 32, size: int = 64,
-                  fps: int = 8, seed: int = 0) -> dict[str, Path]:
-    """Render every clip to mp4 and write the captions csvs (paths relative to the csv)."""
+                  fps: int = 8, seed: int = 0, num_images: int = 512) -> dict[str, Path]:
+    """Render every clip to mp4 and every still to png, and write the captions csvs (paths
+    relative to the csv): videos, held-out videos, stills, and stills + videos together (the
+    csv for Open-Sora 1.1-style joint image / video training with buckets)."""
+    from PIL import Image
+
     from opensora.data.video import write_video
 
     out = Path(out)
@@ -188,11 +210,22 @@ def write_dataset(out: str | Path, num_clips: int = 64, num_frames: int = 32, si
         name = f"heldout/clip_{i:03d}.mp4"
         write_video(out / name, render_clip(spec, num_frames, size), fps)
         heldout_rows.append((name, spec.caption))
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    image_rows = []
+    for i, (spec, frame) in enumerate(plan_stills(train, num_images, num_frames, seed)):
+        name = f"images/img_{i:03d}.png"
+        pixels = render_frame(spec, frame, size)
+        Image.fromarray(pixels).save(out / name, format="PNG", optimize=True)
+        image_rows.append((name, still_caption_for(spec.color, spec.shape, spec.background)))
     _write_csv(out / "video_caption.csv", rows)
     _write_csv(out / "heldout_video_caption.csv", heldout_rows)
+    _write_csv(out / "image_caption.csv", image_rows)
+    _write_csv(out / "image_video_caption.csv", image_rows + rows)
     (out / "heldout_captions.txt").write_text("".join(s.caption + "\n" for s in heldout))
     return {"csv": out / "video_caption.csv", "heldout_csv": out / "heldout_video_caption.csv",
-            "heldout_captions": out / "heldout_captions.txt"}
+            "heldout_captions": out / "heldout_captions.txt",
+            "image_csv": out / "image_caption.csv",
+            "joint_csv": out / "image_video_caption.csv"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -203,12 +236,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-images", type=int, default=512,
+                        help="stills (frames of the training clips) for joint image training")
     parser.add_argument("--tokenizer", action="store_true",
                         help="also train the small T5 tokenizer on the captions")
     args = parser.parse_args(argv)
     paths = write_dataset(args.out, args.num_clips, args.num_frames, args.size, args.fps,
-                          args.seed)
-    print(f"wrote {args.num_clips} clips and {paths['csv']}")
+                          args.seed, args.num_images)
+    print(f"wrote {args.num_clips} clips, {args.num_images} stills, {paths['csv']} and "
+          f"{paths['joint_csv']}")
     if args.tokenizer:
         from opensora.data.tokenizer import train_caption_tokenizer
 

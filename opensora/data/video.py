@@ -16,6 +16,11 @@ from PIL import Image
 
 from opensora.checkpoint import atomic_write
 
+# Stills read as one-frame clips, so an image can sit in a training csv next to videos (Open-Sora
+# 1.1's image buckets); their fps micro-condition is Open-Sora's IMG_FPS.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMG_FPS = 120.0
+
 
 class VideoReadError(ValueError):
     """A clip is missing, unreadable, or too short for the frames asked of it."""
@@ -37,8 +42,8 @@ def _open(path: str | os.PathLike):
         raise VideoReadError(f"video not found: {path}")
     if path.stat().st_size == 0:
         raise VideoReadError(f"video is empty (0 bytes): {path}")
-    if path.suffix.lower() == ".gif":
-        return _GifReader(path)
+    if path.suffix.lower() == ".gif" or path.suffix.lower() in IMAGE_SUFFIXES:
+        return _PillowReader(path)
     try:
         reader = decord.VideoReader(str(path), num_threads=1)
     except Exception as exc:  # decord raises its own DECORDError
@@ -48,20 +53,24 @@ def _open(path: str | os.PathLike):
     return reader
 
 
-class _GifReader:
-    """decord cannot read GIFs (which the pipeline writes); Pillow can, with the same interface."""
+class _PillowReader:
+    """decord reads neither GIFs (which the pipeline writes) nor stills; Pillow does, behind the
+    same interface. A still is a one-frame clip at IMG_FPS."""
 
     def __init__(self, path: Path):
+        still = path.suffix.lower() in IMAGE_SUFFIXES
         try:
             with Image.open(path) as image:
-                self._duration_ms = image.info.get("duration", 125) or 125
+                duration_ms = image.info.get("duration", 125) or 125
                 frames = []
                 for index in range(getattr(image, "n_frames", 1)):
                     image.seek(index)
                     frames.append(np.asarray(image.convert("RGB")))
         except Exception as exc:
-            raise VideoReadError(f"cannot decode video {path}: {exc}") from exc
+            kind = "image" if still else "video"
+            raise VideoReadError(f"cannot decode {kind} {path}: {exc}") from exc
         self._frames = np.stack(frames)
+        self._fps = IMG_FPS if still else 1000.0 / duration_ms
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -70,7 +79,7 @@ class _GifReader:
         return self._frames[index]
 
     def get_avg_fps(self) -> float:
-        return 1000.0 / self._duration_ms
+        return self._fps
 
     def get_batch(self, indices: list[int]):
         return _Batch(self._frames[indices])
