@@ -722,8 +722,10 @@ class Trainer:
     def loss_csv(self) -> Path:
         return self.output_dir / "loss.csv"
 
-    def _prepare(self, batch: Mapping[str, np.ndarray], rng: np.random.Generator
-                 ) -> tuple[Tensor, np.ndarray, np.ndarray]:
+    def prepare_batch(self, batch: Mapping[str, np.ndarray], rng: np.random.Generator
+                      ) -> tuple[Tensor, np.ndarray, np.ndarray]:
+        """A dataset batch as the model sees it: (latents, caption features, caption mask),
+        encoding pixels and captions only when the dataset does not yield cached ones."""
         x = Tensor(np.asarray(batch["x"], np.float32))
         if not self.dataset.uses_latents:
             x = ops.stop_gradient(self.vae.encode(x, noise=rng))
@@ -818,7 +820,7 @@ class Trainer:
                 data_seconds = time.perf_counter() - waited
                 began = time.perf_counter()
                 rng = np.random.default_rng([self.seed, step])
-                x, y, mask = self._prepare(batch, rng)
+                x, y, mask = self.prepare_batch(batch, rng)
                 x_mask = self._frame_mask(x, step)
                 micro = {k: batch[k] for k in MICRO_CONDITIONS}
                 loss = self.train_step(x, y, mask, rng, x_mask=x_mask, **micro)

@@ -126,3 +126,8 @@ def test_a_still_reads_as_a_one_frame_clip(tmp_path: Path) -> None:
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(VideoReadError, match="cannot decode image"):
         video_info(tmp_path / "bad.png")
+    with pytest.raises(VideoReadError, match="image not found: .*gone.png"):
+        video_info(tmp_path / "gone.png")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(VideoReadError, match="image is empty"):
+        read_frames(tmp_path / "empty.jpg", 1)

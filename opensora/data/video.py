@@ -38,11 +38,12 @@ def _open(path: str | os.PathLike):
     import decord
 
     path = Path(path)
+    kind = "image" if path.suffix.lower() in IMAGE_SUFFIXES else "video"
     if not path.is_file():
-        raise VideoReadError(f"video not found: {path}")
+        raise VideoReadError(f"{kind} not found: {path}")
     if path.stat().st_size == 0:
-        raise VideoReadError(f"video is empty (0 bytes): {path}")
-    if path.suffix.lower() == ".gif" or path.suffix.lower() in IMAGE_SUFFIXES:
+        raise VideoReadError(f"{kind} is empty (0 bytes): {path}")
+    if path.suffix.lower() == ".gif" or kind == "image":
         return _PillowReader(path)
     try:
         reader = decord.VideoReader(str(path), num_threads=1)
