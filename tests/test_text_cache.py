@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from opensora.data.cache_files import cache_path, load_text_embedding
-from opensora.data.text_cache import cache_text_embeddings, main, read_caption_rows
+from opensora.data.text_cache import (
+    FINGERPRINT_FILE,
+    cache_text_embeddings,
+    main,
+    read_caption_rows,
+    t5_fingerprint,
+)
 from opensora.models.text_encoder import T5Encoder
 from opensora.presets import get_preset
 
@@ -71,9 +78,30 @@ def test_cache_resumes_and_overwrites(caption_csv: Path, tmp_path: Path,
     assert forced.written == len(CAPTIONS)
 
 
+def test_a_folder_filled_by_another_t5_is_refused(caption_csv: Path, tmp_path: Path,
+                                                  encoder: T5Encoder) -> None:
+    out = tmp_path / "cache"
+    cache_text_embeddings(caption_csv, out, encoder, progress=False)
+    assert json.loads((out / FINGERPRINT_FILE).read_text()) == {
+        "t5_fingerprint": t5_fingerprint(encoder)}
+    shorter = T5Encoder(TINY.t5_path, TINY.tokenizer_path,
+                        model_max_length=TINY.model_max_length // 2)
+    assert t5_fingerprint(shorter) != t5_fingerprint(encoder)
+    with pytest.raises(ValueError, match="caption embeddings of another T5.*overwrite"):
+        cache_text_embeddings(caption_csv, out, shorter, progress=False)
+    forced = cache_text_embeddings(caption_csv, out, shorter, overwrite=True, progress=False)
+    assert forced.written == len(CAPTIONS)
+    y, _ = load_text_embedding(next(out.rglob("*.npz")))
+    assert y.shape[0] == TINY.model_max_length // 2
+    again = cache_text_embeddings(caption_csv, out, shorter, progress=False)
+    assert (again.written, again.skipped) == (0, len(CAPTIONS))
+
+
 def test_interrupted_run_leaves_only_complete_files(caption_csv: Path, tmp_path: Path,
                                                     encoder: T5Encoder) -> None:
     class Crashing:
+        t5, model_max_length = encoder.t5, encoder.model_max_length  # same fingerprint
+
         def __init__(self) -> None:
             self.calls = 0
 
@@ -87,7 +115,7 @@ def test_interrupted_run_leaves_only_complete_files(caption_csv: Path, tmp_path:
     with pytest.raises(KeyboardInterrupt):
         cache_text_embeddings(caption_csv, out, Crashing(), batch_size=2,  # type: ignore[arg-type]
                               progress=False)
-    files = [p for p in out.rglob("*") if p.is_file()]
+    files = [p for p in out.rglob("*") if p.is_file() and p.name != FINGERPRINT_FILE]
     assert len(files) == 2 and all(p.suffix == ".npz" for p in files)
     for path in files:
         load_text_embedding(path)

@@ -6,8 +6,12 @@ dataset's worker processes read caches without importing the models that wrote t
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,3 +43,35 @@ def load_latent_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if missing:
             raise ValueError(f"{path}: not a latent cache file (missing {sorted(missing)})")
         return {k: data[k] for k in data.files}
+
+
+def parameters_fingerprint(cell: Any, extra: Iterable[bytes] = ()) -> str:
+    """sha256 (16 hex digits) over a model's parameter names and values, plus `extra` bytes
+    (settings that also change its outputs): identical fingerprints, identical cache files."""
+    digest = hashlib.sha256()
+    for param in sorted(cell.get_parameters(), key=lambda p: p.name):
+        digest.update(param.name.encode())
+        digest.update(np.ascontiguousarray(param.asnumpy()).tobytes())
+    for item in extra:
+        digest.update(item)
+    return digest.hexdigest()[:16]
+
+
+def claim_cache_folder(out_dir: Path, record_name: str, model: str, contents: str,
+                       fingerprint: str, overwrite: bool) -> None:
+    """Record in `out_dir/record_name` which `model` (e.g. "VAE", "T5") fills the folder with
+    `contents`, and refuse a folder another one filled: a resumed run would otherwise mix the
+    two models' files silently."""
+    key = f"{model.lower()}_fingerprint"
+    record = out_dir / record_name
+    if record.is_file() and not overwrite:
+        previous = json.loads(record.read_text()).get(key)
+        if previous != fingerprint:
+            raise ValueError(
+                f"{out_dir} holds {contents} of another {model} (fingerprint {previous}, this "
+                f"{model} {fingerprint}); use a new folder, delete it, or pass overwrite=True "
+                "(--overwrite) to re-encode everything")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps({key: fingerprint}) + "\n")
+    os.replace(tmp, record)

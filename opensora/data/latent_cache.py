@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from opensora.checkpoint import save_npz_atomic
-from opensora.data.cache_files import cache_path
+from opensora.data.cache_files import cache_path, claim_cache_folder, parameters_fingerprint
 from opensora.data.video import VideoReadError, read_video, video_info
 
 
@@ -86,29 +84,13 @@ FINGERPRINT_FILE = "vae.json"
 
 
 def vae_fingerprint(vae: Any) -> str:
-    """sha256 (16 hex digits) over the VAE's parameter names and values: identical weights,
-    identical latents."""
-    digest = hashlib.sha256()
-    for param in sorted(vae.get_parameters(), key=lambda p: p.name):
-        digest.update(param.name.encode())
-        digest.update(np.ascontiguousarray(param.asnumpy()).tobytes())
-    return digest.hexdigest()[:16]
+    """Identical weights, identical latents."""
+    return parameters_fingerprint(vae)
 
 
 def claim_folder(out_dir: Path, fingerprint: str, overwrite: bool) -> None:
     """Record the VAE that encodes into `out_dir`; refuse a folder another VAE filled."""
-    record = out_dir / FINGERPRINT_FILE
-    if record.is_file() and not overwrite:
-        previous = json.loads(record.read_text()).get("vae_fingerprint")
-        if previous != fingerprint:
-            raise ValueError(
-                f"{out_dir} holds latents of another VAE (fingerprint {previous}, this VAE "
-                f"{fingerprint}); use a new folder, delete it, or pass overwrite=True "
-                "(--overwrite) to re-encode every video")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"vae_fingerprint": fingerprint}) + "\n")
-    os.replace(tmp, record)
+    claim_cache_folder(out_dir, FINGERPRINT_FILE, "VAE", "latents", fingerprint, overwrite)
 
 
 def cache_latents(csv_path: str | os.PathLike, out_dir: str | os.PathLike, vae: Any,

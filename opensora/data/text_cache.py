@@ -4,6 +4,9 @@ One `.npz` per video, at the video's path under `out` with the suffix replaced
 (`videos/clip_000.mp4` -> `OUT/videos/clip_000.npz`), holding `y` (L, C) float32 and `mask` (L,)
 int32. Files are written atomically, so an interrupted run leaves only complete files and the
 next run skips them (resumable). All captions are checked before any encoding starts.
+`t5.json` in the folder records a fingerprint of the T5 weights, tokenizer and
+`model_max_length`: resuming into a folder another T5 filled is refused instead of mixing the
+two encoders' features.
 
     python -m opensora.data.text_cache --csv data_samples/video_caption.csv \\
         --t5 data_samples/models/t5_tiny --tokenizer data_samples/tokenizer --out cache/t5 \\
@@ -22,8 +25,21 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from opensora.checkpoint import save_npz_atomic
-from opensora.data.cache_files import cache_path
+from opensora.data.cache_files import cache_path, claim_cache_folder, parameters_fingerprint
 from opensora.models.text_encoder import T5Encoder
+
+FINGERPRINT_FILE = "t5.json"
+# tokenized into the fingerprint, so a different vocabulary or padding changes it
+_TOKENIZER_PROBE = "a red circle moving left on a gray background, 0123456789 ÄÖü ?!"
+
+
+def t5_fingerprint(encoder: T5Encoder) -> str:
+    """Identical weights, tokenizer and caption length, identical cache files."""
+    ids, mask = encoder.t5.tokenize([_TOKENIZER_PROBE])
+    extra = (f"model_max_length={encoder.model_max_length}".encode(),
+             np.ascontiguousarray(ids, np.int64).tobytes(),
+             np.ascontiguousarray(mask, np.int64).tobytes())
+    return parameters_fingerprint(encoder.t5.model, extra)
 
 
 @dataclass
@@ -90,6 +106,8 @@ def cache_text_embeddings(csv_path: str | os.PathLike, out_dir: str | os.PathLik
     csv_path, out_dir = Path(csv_path), Path(out_dir)
     plan = _plan(read_caption_rows(csv_path, video_column, caption_column), out_dir,
                  csv_path.parent)
+    claim_cache_folder(out_dir, FINGERPRINT_FILE, "T5", "caption embeddings",
+                       t5_fingerprint(encoder), overwrite)
     todo = [(path, caption) for path, (caption, _) in plan.items()
             if overwrite or not path.is_file()]
     bar = tqdm(total=len(todo), desc="T5 captions", unit="caption", disable=not progress)
