@@ -18,14 +18,13 @@ they are" as its prior, which is what a sampler then draws.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from mindspore import Tensor
 
-from opensora.train import MICRO_CONDITIONS
+from opensora.train import MICRO_CONDITIONS, takes_micro_conditions
 
 VARIANTS = ("forward", "reversed", "shuffled", "frozen")
 
@@ -54,7 +53,7 @@ class ProbeResult:
 
     def arrow_gap(self) -> np.ndarray:
         """(reversed - forward) / forward per timestep: > 0 when the captioned direction helps."""
-        return (self.losses["reversed"] - self.losses["forward"]) / self.losses["forward"]
+        return self.relative("reversed")
 
     def relative(self, variant: str) -> np.ndarray:
         """(variant - forward) / forward per timestep."""
@@ -86,8 +85,7 @@ def temporal_probe(model: object, diffusion: object, batches: Iterable[Mapping[s
     `batches` are `VideoCaptionDataset` batches (x latents, y / mask caption features and, for
     STDiT2, the micro-conditions); multi-frame batches only, since a still has no arrow.
     """
-    micro = all(name in inspect.signature(model.construct).parameters
-                for name in MICRO_CONDITIONS)
+    micro = takes_micro_conditions(model)
     num_timesteps = diffusion.num_timesteps
     for t in timesteps:
         if not 0 <= int(t) < num_timesteps:

@@ -103,6 +103,12 @@ class EMA(nn.Cell):
 # the step
 
 
+def takes_micro_conditions(model: nn.Cell) -> bool:
+    """True for STDiT2-like models, whose construct takes Open-Sora 1.1's micro-conditions."""
+    return all(name in inspect.signature(model.construct).parameters
+               for name in MICRO_CONDITIONS)
+
+
 def _check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -167,8 +173,7 @@ class TrainStep:
                              "(y_embedder.y_embedding)")
         # randomness lives in the step's generator; the model runs deterministically
         model.set_train(False)
-        self.micro_conditions = all(
-            name in inspect.signature(model.construct).parameters for name in MICRO_CONDITIONS)
+        self.micro_conditions = takes_micro_conditions(model)
         self.lr = float(lr)
         self.grad_clip = grad_clip
         params = model.trainable_params()
@@ -597,7 +602,7 @@ def sample_latents(model: nn.Cell, y: np.ndarray, mask: np.ndarray, latent_shape
     rng = np.random.default_rng(seed)
     z = Tensor(rng.standard_normal((batch, *latent_shape)).astype(np.float32))
     args: dict[str, Any] = {"y": Tensor(y), "mask": Tensor(np.asarray(mask, np.int32))}
-    if all(n in inspect.signature(model.construct).parameters for n in MICRO_CONDITIONS):
+    if takes_micro_conditions(model):
         micro = micro_condition_arrays(2 * batch, latent_shape[1], image_size, fps)
         args.update({k: Tensor(v) for k, v in micro.items()})
     denoiser = compiled_forward(model) if graph else model
