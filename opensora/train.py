@@ -916,16 +916,29 @@ def prepare_caches(csv_path: str | os.PathLike, cache_dir: str | os.PathLike, va
                    text_folder: str | os.PathLike | None = None,
                    progress: bool = False) -> tuple[Path, Path]:
     """Latent and T5 caches for a csv: the given folders, or built (resumably) under
-    `cache_dir/latents` and `cache_dir/t5`. Returns (latent_folder, text_folder)."""
+    `cache_dir/latents` and `cache_dir/t5`. Returns (latent_folder, text_folder).
+
+    A given folder is checked against the fingerprint its filler recorded (`vae.json`,
+    `t5.json`): another model's cache is an error; a folder without a record is used with a
+    warning, since nothing says which model filled it."""
     from opensora.data import latent_cache, text_cache
+    from opensora.data.cache_files import verify_cache_folder
 
     cache_dir = Path(cache_dir)
     if latent_folder is None:
         latent_folder = cache_dir / "latents"
         latent_cache.cache_latents(csv_path, latent_folder, vae, progress=progress)
+    elif not verify_cache_folder(latent_folder, latent_cache.FINGERPRINT_FILE, "VAE", "latents",
+                                 latent_cache.vae_fingerprint(vae)):
+        warnings.warn(f"{latent_folder} has no {latent_cache.FINGERPRINT_FILE}: cannot check "
+                      "that this VAE encoded its latents", stacklevel=2)
     if text_folder is None:
         text_folder = cache_dir / "t5"
         text_cache.cache_text_embeddings(csv_path, text_folder, text_encoder, progress=progress)
+    elif not verify_cache_folder(text_folder, text_cache.FINGERPRINT_FILE, "T5",
+                                 "caption embeddings", text_cache.t5_fingerprint(text_encoder)):
+        warnings.warn(f"{text_folder} has no {text_cache.FINGERPRINT_FILE}: cannot check that "
+                      "this T5 encoded its captions", stacklevel=2)
     return Path(latent_folder), Path(text_folder)
 
 

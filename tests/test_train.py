@@ -18,6 +18,7 @@ from opensora.train import (
     Trainer,
     TrainStep,
     checkpoint_dirs,
+    prepare_caches,
     read_loss_csv,
     sample_latents,
     seed_everything,
@@ -306,3 +307,44 @@ def test_stills_and_clips_train_together_in_graph_mode(cached: dict[str, Path],
     history = trainer.fit(6)
     assert sorted(set(shapes)) == [1, 4] and len(history.records) == 6
     assert all(np.isfinite(history.losses))
+
+
+def test_given_cache_folders_are_checked_against_the_models(tiny_caches: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from opensora.data import latent_cache, text_cache
+    from opensora.data.cache_files import claim_cache_folder
+    from opensora.models.text_encoder import T5Encoder
+    from opensora.models.vae import VideoAutoencoderKL
+    from opensora.presets import get_preset
+
+    preset = get_preset("tiny")
+    vae = VideoAutoencoderKL.from_pretrained(preset.vae_path)
+    t5 = T5Encoder(preset.t5_path, preset.tokenizer_path,
+                   model_max_length=preset.model_max_length)
+    lat = shutil.copytree(tiny_caches["lat"], tmp_path / "lat")
+    txt = shutil.copytree(tiny_caches["txt"], tmp_path / "txt")
+    args = (tiny_caches["csv"], tmp_path / "unused", vae, t5, lat, txt)
+
+    with pytest.warns(UserWarning) as caught:  # no records: usable, but unchecked
+        assert prepare_caches(*args) == (lat, txt)
+    assert sorted(str(w.message).split(" has no ")[1].split(":")[0] for w in caught) == [
+        "t5.json", "vae.json"]
+
+    claim_cache_folder(lat, latent_cache.FINGERPRINT_FILE, "VAE", "latents",
+                       latent_cache.vae_fingerprint(vae), overwrite=False)
+    claim_cache_folder(txt, text_cache.FINGERPRINT_FILE, "T5", "caption embeddings",
+                       text_cache.t5_fingerprint(t5), overwrite=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert prepare_caches(*args) == (lat, txt)
+
+    (txt / text_cache.FINGERPRINT_FILE).write_text(json.dumps({"t5_fingerprint": "0" * 16}))
+    with pytest.raises(ValueError, match="caption embeddings of another T5"):
+        prepare_caches(*args)
+    (lat / latent_cache.FINGERPRINT_FILE).write_text(json.dumps({"vae_fingerprint": "0" * 16}))
+    with pytest.raises(ValueError, match="latents of another VAE .*pass the folder this VAE"):
+        prepare_caches(*args)
+    assert not (tmp_path / "unused").exists(), "nothing is built when folders are given"

@@ -57,21 +57,47 @@ def parameters_fingerprint(cell: Any, extra: Iterable[bytes] = ()) -> str:
     return digest.hexdigest()[:16]
 
 
+def _other_model(folder: Path, record_name: str, model: str, contents: str, fingerprint: str,
+                 remedy: str) -> ValueError | None:
+    """The error for a folder whose record names another `model`; None if it names this one
+    or there is no record."""
+    record = folder / record_name
+    if not record.is_file():
+        return None
+    previous = json.loads(record.read_text()).get(f"{model.lower()}_fingerprint")
+    if previous == fingerprint:
+        return None
+    return ValueError(f"{folder} holds {contents} of another {model} (fingerprint {previous}, "
+                      f"this {model} {fingerprint}); {remedy}")
+
+
 def claim_cache_folder(out_dir: Path, record_name: str, model: str, contents: str,
                        fingerprint: str, overwrite: bool) -> None:
     """Record in `out_dir/record_name` which `model` (e.g. "VAE", "T5") fills the folder with
     `contents`, and refuse a folder another one filled: a resumed run would otherwise mix the
     two models' files silently."""
-    key = f"{model.lower()}_fingerprint"
-    record = out_dir / record_name
-    if record.is_file() and not overwrite:
-        previous = json.loads(record.read_text()).get(key)
-        if previous != fingerprint:
-            raise ValueError(
-                f"{out_dir} holds {contents} of another {model} (fingerprint {previous}, this "
-                f"{model} {fingerprint}); use a new folder, delete it, or pass overwrite=True "
-                "(--overwrite) to re-encode everything")
+    if not overwrite:
+        error = _other_model(out_dir, record_name, model, contents, fingerprint,
+                             "use a new folder, delete it, or pass overwrite=True "
+                             "(--overwrite) to re-encode everything")
+        if error is not None:
+            raise error
     out_dir.mkdir(parents=True, exist_ok=True)
+    record = out_dir / record_name
     tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps({key: fingerprint}) + "\n")
+    tmp.write_text(json.dumps({f"{model.lower()}_fingerprint": fingerprint}) + "\n")
     os.replace(tmp, record)
+
+
+def verify_cache_folder(folder: str | os.PathLike, record_name: str, model: str, contents: str,
+                        fingerprint: str) -> bool:
+    """Check a folder the user names (and this run will not fill) against the `model` about to
+    use it: a record of another model is an error, as in `claim_cache_folder`. Returns False
+    when the folder has no record (filled by hand or by an older version): nothing to check."""
+    folder = Path(folder)
+    error = _other_model(folder, record_name, model, contents, fingerprint,
+                         f"training on them would pair another {model}'s {contents} with this "
+                         f"one; pass the folder this {model} filled, or none to build a cache")
+    if error is not None:
+        raise error
+    return (folder / record_name).is_file()
