@@ -922,23 +922,18 @@ def prepare_caches(csv_path: str | os.PathLike, cache_dir: str | os.PathLike, va
     `t5.json`): another model's cache is an error; a folder without a record is used with a
     warning, since nothing says which model filled it."""
     from opensora.data import latent_cache, text_cache
-    from opensora.data.cache_files import verify_cache_folder
 
     cache_dir = Path(cache_dir)
     if latent_folder is None:
         latent_folder = cache_dir / "latents"
         latent_cache.cache_latents(csv_path, latent_folder, vae, progress=progress)
-    elif not verify_cache_folder(latent_folder, latent_cache.FINGERPRINT_FILE, "VAE", "latents",
-                                 latent_cache.vae_fingerprint(vae)):
-        warnings.warn(f"{latent_folder} has no {latent_cache.FINGERPRINT_FILE}: cannot check "
-                      "that this VAE encoded its latents", stacklevel=2)
+    else:
+        latent_cache.check_folder(latent_folder, vae)
     if text_folder is None:
         text_folder = cache_dir / "t5"
         text_cache.cache_text_embeddings(csv_path, text_folder, text_encoder, progress=progress)
-    elif not verify_cache_folder(text_folder, text_cache.FINGERPRINT_FILE, "T5",
-                                 "caption embeddings", text_cache.t5_fingerprint(text_encoder)):
-        warnings.warn(f"{text_folder} has no {text_cache.FINGERPRINT_FILE}: cannot check that "
-                      "this T5 encoded its captions", stacklevel=2)
+    else:
+        text_cache.check_folder(text_folder, text_encoder)
     return Path(latent_folder), Path(text_folder)
 
 

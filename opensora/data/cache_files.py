@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -90,14 +91,16 @@ def claim_cache_folder(out_dir: Path, record_name: str, model: str, contents: st
 
 
 def verify_cache_folder(folder: str | os.PathLike, record_name: str, model: str, contents: str,
-                        fingerprint: str) -> bool:
+                        fingerprint: str) -> None:
     """Check a folder the user names (and this run will not fill) against the `model` about to
-    use it: a record of another model is an error, as in `claim_cache_folder`. Returns False
-    when the folder has no record (filled by hand or by an older version): nothing to check."""
+    use it: a record of another model is an error, as in `claim_cache_folder`; a folder
+    without one (filled by hand or by an older version) is used with a warning."""
     folder = Path(folder)
     error = _other_model(folder, record_name, model, contents, fingerprint,
                          f"training on them would pair another {model}'s {contents} with this "
                          f"one; pass the folder this {model} filled, or none to build a cache")
     if error is not None:
         raise error
-    return (folder / record_name).is_file()
+    if not (folder / record_name).is_file():
+        warnings.warn(f"{folder} has no {record_name}: cannot check that this {model} encoded "
+                      f"its {contents}", stacklevel=3)

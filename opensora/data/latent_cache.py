@@ -33,7 +33,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from opensora.checkpoint import save_npz_atomic
-from opensora.data.cache_files import cache_path, claim_cache_folder, parameters_fingerprint
+from opensora.data.cache_files import (
+    cache_path,
+    claim_cache_folder,
+    parameters_fingerprint,
+    verify_cache_folder,
+)
 from opensora.data.video import VideoReadError, read_video, video_info
 
 
@@ -91,6 +96,12 @@ def vae_fingerprint(vae: Any) -> str:
 def claim_folder(out_dir: Path, fingerprint: str, overwrite: bool) -> None:
     """Record the VAE that encodes into `out_dir`; refuse a folder another VAE filled."""
     claim_cache_folder(out_dir, FINGERPRINT_FILE, "VAE", "latents", fingerprint, overwrite)
+
+
+def check_folder(folder: str | os.PathLike, vae: Any) -> None:
+    """A latent folder given to a run (not filled by it): refuse another VAE's, warn when it
+    records none."""
+    verify_cache_folder(folder, FINGERPRINT_FILE, "VAE", "latents", vae_fingerprint(vae))
 
 
 def cache_latents(csv_path: str | os.PathLike, out_dir: str | os.PathLike, vae: Any,

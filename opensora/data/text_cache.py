@@ -25,7 +25,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from opensora.checkpoint import save_npz_atomic
-from opensora.data.cache_files import cache_path, claim_cache_folder, parameters_fingerprint
+from opensora.data.cache_files import (
+    cache_path,
+    claim_cache_folder,
+    parameters_fingerprint,
+    verify_cache_folder,
+)
 from opensora.models.text_encoder import T5Encoder
 
 FINGERPRINT_FILE = "t5.json"
@@ -40,6 +45,13 @@ def t5_fingerprint(encoder: T5Encoder) -> str:
              np.ascontiguousarray(ids, np.int64).tobytes(),
              np.ascontiguousarray(mask, np.int64).tobytes())
     return parameters_fingerprint(encoder.t5.model, extra)
+
+
+def check_folder(folder: str | os.PathLike, encoder: T5Encoder) -> None:
+    """A caption folder given to a run (not filled by it): refuse another T5's, warn when it
+    records none."""
+    verify_cache_folder(folder, FINGERPRINT_FILE, "T5", "caption embeddings",
+                        t5_fingerprint(encoder))
 
 
 @dataclass
