@@ -136,6 +136,34 @@ def test_dynamic_input_sizes(model, case, shape) -> None:
     assert np.isfinite(out).all()
 
 
+def test_frame_index_embedding_tells_identical_frames_apart(case, tmp_path) -> None:
+    """With RoPE alone, a clip of identical frames gives identical outputs on every frame
+    (attention averages equal values whatever its weights); `temporal_pos_emb` breaks that
+    symmetry, adds no weights, and survives a save / load through config.json."""
+    args, micro = _inputs(case)
+    frame = np.random.default_rng(2).standard_normal((2, 4, 1, 8, 8)).astype(np.float32)
+    still = ms.Tensor(np.repeat(frame, 6, axis=2))
+    micro = dict(micro, num_frames=ms.Tensor(np.full(2, 6, np.float32)))
+    outputs = {}
+    for flag in (False, True):
+        net = STDiT2.from_pretrained(MODEL_DIR, attn_backend="math", temporal_pos_emb=flag)
+        net.set_train(False)
+        outputs[flag] = net(still, *args[1:], None, **micro).asnumpy()
+    first = np.broadcast_to(outputs[False][:, :, :1], outputs[False].shape)
+    np.testing.assert_allclose(outputs[False], first, atol=1e-5)
+    assert np.abs(outputs[True] - outputs[True][:, :, :1]).max() > 1e-2
+    assert sorted(read_state_dict(MODEL_DIR)) == sorted(n for n, _ in net.parameters_and_names())
+    folder = tmp_path / "with_index"
+    shutil.copytree(MODEL_DIR, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, **net.config)))
+    again = STDiT2.from_pretrained(folder, attn_backend="math")
+    again.set_train(False)
+    assert again.temporal_pos_emb
+    np.testing.assert_allclose(again(still, *args[1:], None, **micro).asnumpy(), outputs[True],
+                               atol=1e-5)
+
+
 def test_caption_mask_batch_is_repeated_for_cfg(model, case) -> None:
     """Classifier-free guidance doubles the batch; the prompt mask of batch 1 is reused."""
     args, micro = _inputs(case)

@@ -35,6 +35,7 @@ from opensora.models.layers import (
     SizeEmbedder,
     T2IFinalLayer,
     TimestepEmbedder,
+    sincos_1d,
     t2i_modulate,
     t_mask_select,
 )
@@ -146,6 +147,12 @@ class STDiT2(nn.Cell):
     on Ascend, math elsewhere), `attn_block_size` (chunked backend) and `enable_recompute`
     (recompute each block in the backward pass instead of storing its activations).
     `enable_flash_attn=True` (Open-Sora's switch) selects `attn_backend="flash"` on Ascend only.
+
+    `temporal_pos_emb=True` (a MindSpore extra, off as in Open-Sora 1.1) adds Open-Sora 1.0's
+    fixed sin-cos table of the frame index to the tokens. RoPE alone tells temporal attention
+    only how far apart two frames are, so while every frame looks alike (high noise) the model
+    cannot place frame 0 differently from frame 15: a captioned direction must be learnt as a
+    relation between frames. The table has no weights, so checkpoints load either way.
     """
 
     def __init__(self, input_size: Sequence[int | None] = (None, None, None),
@@ -157,7 +164,8 @@ class STDiT2(nn.Cell):
                  model_max_length: int = 120, freeze: str | None = None, qk_norm: bool = False,
                  enable_flash_attn: bool = False, enable_layernorm_kernel: bool = False,
                  attn_backend: str = "auto", attn_block_size: int = QUERY_BLOCK_SIZE,
-                 enable_recompute: bool = False, **unused: Any) -> None:
+                 enable_recompute: bool = False, temporal_pos_emb: bool = False,
+                 **unused: Any) -> None:
         super().__init__()
         if hidden_size % 3:
             raise ValueError(f"STDiT2 needs hidden_size divisible by 3, got {hidden_size}")
@@ -186,6 +194,9 @@ class STDiT2(nn.Cell):
             caption_channels=caption_channels, model_max_length=model_max_length, freeze=freeze,
             qk_norm=qk_norm, model_type="STDiT2",
         )
+        self.temporal_pos_emb = bool(temporal_pos_emb)
+        if self.temporal_pos_emb:  # a MindSpore extra: recorded only where it is on
+            self.config["temporal_pos_emb"] = True
 
         self.pos_embed = PositionEmbedding2D(hidden_size)
         self.x_embedder = PatchEmbed3D(self.patch_size, in_channels, hidden_size)
@@ -259,8 +270,10 @@ class STDiT2(nn.Cell):
         pos_emb = self.pos_embed(num_h, num_w, scale, base_size).astype(dtype)
 
         x = self.x_embedder(x)  # (B, T*S, C)
-        x = (x.reshape(batch, num_t, num_s, -1) + pos_emb[:, None]).reshape(
-            batch, num_t * num_s, -1)
+        x = x.reshape(batch, num_t, num_s, -1) + pos_emb[:, None]
+        if self.temporal_pos_emb:
+            x = x + sincos_1d(num_t, self.hidden_size).astype(dtype)[:, :, None]
+        x = x.reshape(batch, num_t * num_s, -1)
 
         # adaLN-single inputs
         t = self.t_embedder(timestep)
