@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -311,11 +313,7 @@ def test_stills_and_clips_train_together_in_graph_mode(cached: dict[str, Path],
 
 def test_given_cache_folders_are_checked_against_the_models(tiny_caches: dict[str, Path],
                                                             tmp_path: Path) -> None:
-    import json
-    import shutil
-
     from opensora.data import latent_cache, text_cache
-    from opensora.data.cache_files import claim_cache_folder
     from opensora.models.text_encoder import T5Encoder
     from opensora.models.vae import VideoAutoencoderKL
     from opensora.presets import get_preset
@@ -333,10 +331,8 @@ def test_given_cache_folders_are_checked_against_the_models(tiny_caches: dict[st
     assert sorted(str(w.message).split(" has no ")[1].split(":")[0] for w in caught) == [
         "t5.json", "vae.json"]
 
-    claim_cache_folder(lat, latent_cache.FINGERPRINT_FILE, "VAE", "latents",
-                       latent_cache.vae_fingerprint(vae), overwrite=False)
-    claim_cache_folder(txt, text_cache.FINGERPRINT_FILE, "T5", "caption embeddings",
-                       text_cache.t5_fingerprint(t5), overwrite=False)
+    latent_cache.claim_folder(lat, latent_cache.vae_fingerprint(vae), overwrite=False)
+    text_cache.claim_folder(txt, t5, overwrite=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert prepare_caches(*args) == (lat, txt)

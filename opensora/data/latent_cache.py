@@ -86,6 +86,7 @@ def encode_video_moments(vae: Any, video: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 FINGERPRINT_FILE = "vae.json"
+RECORD = (FINGERPRINT_FILE, "VAE", "latents")  # record file, owner, contents
 
 
 def vae_fingerprint(vae: Any) -> str:
@@ -95,13 +96,13 @@ def vae_fingerprint(vae: Any) -> str:
 
 def claim_folder(out_dir: Path, fingerprint: str, overwrite: bool) -> None:
     """Record the VAE that encodes into `out_dir`; refuse a folder another VAE filled."""
-    claim_cache_folder(out_dir, FINGERPRINT_FILE, "VAE", "latents", fingerprint, overwrite)
+    claim_cache_folder(out_dir, *RECORD, fingerprint, overwrite)
 
 
 def check_folder(folder: str | os.PathLike, vae: Any) -> None:
     """A latent folder given to a run (not filled by it): refuse another VAE's, warn when it
     records none."""
-    verify_cache_folder(folder, FINGERPRINT_FILE, "VAE", "latents", vae_fingerprint(vae))
+    verify_cache_folder(folder, *RECORD, vae_fingerprint(vae))
 
 
 def cache_latents(csv_path: str | os.PathLike, out_dir: str | os.PathLike, vae: Any,

@@ -34,6 +34,7 @@ from opensora.data.cache_files import (
 from opensora.models.text_encoder import T5Encoder
 
 FINGERPRINT_FILE = "t5.json"
+RECORD = (FINGERPRINT_FILE, "T5", "caption embeddings")  # record file, owner, contents
 # tokenized into the fingerprint, so a different vocabulary or padding changes it
 _TOKENIZER_PROBE = "a red circle moving left on a gray background, 0123456789 ÄÖü ?!"
 
@@ -50,8 +51,12 @@ def t5_fingerprint(encoder: T5Encoder) -> str:
 def check_folder(folder: str | os.PathLike, encoder: T5Encoder) -> None:
     """A caption folder given to a run (not filled by it): refuse another T5's, warn when it
     records none."""
-    verify_cache_folder(folder, FINGERPRINT_FILE, "T5", "caption embeddings",
-                        t5_fingerprint(encoder))
+    verify_cache_folder(folder, *RECORD, t5_fingerprint(encoder))
+
+
+def claim_folder(out_dir: Path, encoder: T5Encoder, overwrite: bool) -> None:
+    """Record that this T5 fills `out_dir`; refuse a folder another T5 filled."""
+    claim_cache_folder(out_dir, *RECORD, t5_fingerprint(encoder), overwrite)
 
 
 @dataclass
@@ -118,8 +123,7 @@ def cache_text_embeddings(csv_path: str | os.PathLike, out_dir: str | os.PathLik
     csv_path, out_dir = Path(csv_path), Path(out_dir)
     plan = _plan(read_caption_rows(csv_path, video_column, caption_column), out_dir,
                  csv_path.parent)
-    claim_cache_folder(out_dir, FINGERPRINT_FILE, "T5", "caption embeddings",
-                       t5_fingerprint(encoder), overwrite)
+    claim_folder(out_dir, encoder, overwrite)
     todo = [(path, caption) for path, (caption, _) in plan.items()
             if overwrite or not path.is_file()]
     bar = tqdm(total=len(todo), desc="T5 captions", unit="caption", disable=not progress)
