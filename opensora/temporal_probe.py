@@ -69,7 +69,9 @@ class ProbeResult:
         return "\n".join(lines)
 
 
-def _model_kwargs(batch: Mapping[str, np.ndarray], micro: bool) -> dict[str, Tensor]:
+def batch_model_kwargs(batch: Mapping[str, np.ndarray], micro: bool) -> dict[str, Tensor]:
+    """A probe batch's model keywords: caption features with the (B, 1, L, C) axis the models
+    take, plus the micro-conditions when the model reads them (STDiT2)."""
     y = np.asarray(batch["y"], np.float32)
     kwargs = {"y": Tensor(y[:, None] if y.ndim == 3 else y), "mask": Tensor(batch["mask"])}
     if micro:
@@ -97,7 +99,7 @@ def temporal_probe(model: object, diffusion: object, batches: Iterable[Mapping[s
     for batch in batches:
         x = np.asarray(batch["x"], np.float32)
         variants = clip_variants(x, rng)
-        kwargs = _model_kwargs(batch, micro)
+        kwargs = batch_model_kwargs(batch, micro)
         for i, t in enumerate(timesteps):
             noise = Tensor(rng.standard_normal(x.shape).astype(np.float32))
             t_batch = Tensor(np.full(len(x), int(t), np.int32))

@@ -3,15 +3,23 @@ parameters) into a copy of the book, which the notebook tests inspect and the bo
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mindspore as ms
+import numpy as np
 import pytest
 import yaml
 
+from opensora.data.video import read_video
 from opensora.jobs import JobError, JobResult, run_notebook, toc_notebooks
+from opensora.models.text_encoder import T5Encoder
+from opensora.models.vae import VideoAutoencoderKL
+from opensora.presets import DATA_SAMPLES, get_preset
+from opensora.train import caption_embeddings, micro_condition_arrays
 
 ROOT = Path(__file__).resolve().parent.parent
 BOOK_SOURCES = ("book", "notebooks", "_config.yml", "_toc.yml")
@@ -53,3 +61,21 @@ def executed_book(tmp_path_factory: pytest.TempPathFactory) -> ExecutedBook:
         shutil.copy2(result.notebook, notebook)
         book.results[notebook.stem] = result
     return book
+
+
+@pytest.fixture(scope="session")
+def real_batch() -> dict[str, np.ndarray]:
+    """Four training clips of data_samples as latents, with their captions and micro-conditions."""
+    preset = get_preset("tiny")
+    with (DATA_SAMPLES / "video_caption.csv").open() as handle:
+        rows = list(csv.DictReader(handle))[:4]
+    vae = VideoAutoencoderKL.from_pretrained(preset.vae_path)
+    video = np.stack([read_video(DATA_SAMPLES / r["video"], num_frames=preset.num_frames,
+                                 frame_interval=preset.frame_interval, size=preset.image_size)
+                      for r in rows])
+    x = vae.encode(ms.Tensor(video), sample_posterior=False).asnumpy()
+    text_encoder = T5Encoder(preset.t5_path, preset.tokenizer_path,
+                             model_max_length=preset.model_max_length)
+    y, mask = caption_embeddings(text_encoder, [r["caption"] for r in rows])
+    micro = micro_condition_arrays(len(rows), preset.num_frames, preset.image_size, preset.fps)
+    return {"x": x, "y": y, "mask": mask, **micro}

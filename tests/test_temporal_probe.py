@@ -3,20 +3,14 @@ committed tiny STDiT2 on real training clips."""
 
 from __future__ import annotations
 
-import csv
 import json
 
-import mindspore as ms
 import numpy as np
 import pytest
 
-from opensora.data.video import read_video
-from opensora.models.text_encoder import T5Encoder
-from opensora.models.vae import VideoAutoencoderKL
-from opensora.presets import DATA_SAMPLES, build_model, get_preset
+from opensora.presets import build_model, get_preset
 from opensora.schedulers.iddpm import IDDPM
 from opensora.temporal_probe import VARIANTS, ProbeResult, clip_variants, temporal_probe
-from opensora.train import caption_embeddings, micro_condition_arrays
 
 
 def test_variants_reorder_frames_only() -> None:
@@ -48,24 +42,6 @@ def test_result_gaps() -> None:
     np.testing.assert_allclose(result.arrow_gap(), [0.2, 0.0])
     np.testing.assert_allclose(result.relative("shuffled"), [2.0, 1.0])
     assert "+20.00%" in result.table() and "4 clips" in result.table()
-
-
-@pytest.fixture(scope="module")
-def real_batch() -> dict[str, np.ndarray]:
-    """Four training clips of data_samples as latents, with their captions and micro-conditions."""
-    preset = get_preset("tiny")
-    with (DATA_SAMPLES / "video_caption.csv").open() as handle:
-        rows = list(csv.DictReader(handle))[:4]
-    vae = VideoAutoencoderKL.from_pretrained(preset.vae_path)
-    video = np.stack([read_video(DATA_SAMPLES / r["video"], num_frames=preset.num_frames,
-                                 frame_interval=preset.frame_interval, size=preset.image_size)
-                      for r in rows])
-    x = vae.encode(ms.Tensor(video), sample_posterior=False).asnumpy()
-    text_encoder = T5Encoder(preset.t5_path, preset.tokenizer_path,
-                             model_max_length=preset.model_max_length)
-    y, mask = caption_embeddings(text_encoder, [r["caption"] for r in rows])
-    micro = micro_condition_arrays(len(rows), preset.num_frames, preset.image_size, preset.fps)
-    return {"x": x, "y": y, "mask": mask, **micro}
 
 
 def test_probe_on_the_committed_tiny_model(real_batch) -> None:

@@ -1,0 +1,87 @@
+"""How close is a diffusion model's guess of the clean clip, at each noise level?
+
+A sampler settles a clip's layout (where the shape is in each frame, hence which way it moves)
+while noise still dominates, and refines detail at the end. The training loss cannot show how
+good a model is early on: in eps units an x_0 error shrinks by the signal-to-noise ratio, which
+at t = 900 of the linear schedule is about 3e-4. This probe reads the model's own estimate of
+the clean latents (`pred_xstart`, whatever the model predicts) from noised training clips, in
+latent units, next to two estimates that need no model:
+
+* **identity**: x_t / sqrt(alpha_bar_t), i.e. eps = 0: what ignoring the noise gives;
+* **mean**: the batch's per-channel mean latent: what ignoring x_t gives, the best constant.
+
+A useful denoiser beats both at every timestep. Where it does worse than the mean, its guesses
+at that noise level are further off than a blur, and the sampler builds the clip on them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from mindspore import Tensor
+
+from opensora.temporal_probe import batch_model_kwargs
+from opensora.train import takes_micro_conditions
+
+ESTIMATES = ("model", "identity", "mean")
+
+
+@dataclass(frozen=True)
+class DenoisingErrors:
+    timesteps: tuple[int, ...]
+    errors: dict[str, np.ndarray]  # estimate -> (len(timesteps),) mean squared x_0 error
+    clips: int
+
+    def worse_than_mean(self) -> tuple[int, ...]:
+        """Timesteps at which the model's x_0 estimate is further off than the batch mean."""
+        return tuple(t for t, m, c in zip(self.timesteps, self.errors["model"],
+                                          self.errors["mean"]) if m > c)
+
+    def table(self) -> str:
+        lines = [f"{'timestep':>8s} " + " ".join(f"{e:>10s}" for e in ESTIMATES)]
+        for i, t in enumerate(self.timesteps):
+            lines.append(f"{t:>8d} " + " ".join(f"{self.errors[e][i]:10.4f}" for e in ESTIMATES))
+        lines.append(f"({self.clips} clips; mean squared error of the clean-latent estimate)")
+        return "\n".join(lines)
+
+
+def x0_error_by_timestep(model: object, diffusion: object,
+                         batches: Iterable[Mapping[str, np.ndarray]],
+                         timesteps: Sequence[int] = (100, 300, 500, 700, 900),
+                         seed: int = 0) -> DenoisingErrors:
+    """Mean squared error of `model`'s clean-latent estimate on noised `batches`
+    (`VideoCaptionDataset` batches of latents and caption features) at each timestep of the
+    full process of `diffusion` (an `IDDPM` without respacing), with the identity and mean
+    estimates beside it."""
+    num_timesteps = diffusion.num_timesteps
+    for t in timesteps:
+        if not 0 <= int(t) < num_timesteps:
+            raise ValueError(f"timestep {t} outside [0, {num_timesteps})")
+    alphas_cumprod = diffusion.schedule.alphas_cumprod
+    micro = takes_micro_conditions(model)
+    rng = np.random.default_rng(seed)
+    sums = {e: np.zeros(len(timesteps)) for e in ESTIMATES}
+    clips = 0
+    model.set_train(False)
+    for batch in batches:
+        x = np.asarray(batch["x"], np.float32)
+        kwargs = batch_model_kwargs(batch, micro)
+        channel_mean = x.mean(axis=tuple(i for i in range(x.ndim) if i != 1), keepdims=True)
+        mean_error = ((x - channel_mean) ** 2).reshape(len(x), -1).mean(axis=1).sum()
+        for i, t in enumerate(timesteps):
+            noise = rng.standard_normal(x.shape).astype(np.float32)
+            t_batch = Tensor(np.full(len(x), int(t), np.int32))
+            x_t = diffusion.q_sample(Tensor(x), t_batch, Tensor(noise))
+            guess = diffusion.p_mean_variance(model, x_t, t_batch, clip_denoised=False,
+                                              model_kwargs=kwargs)["pred_xstart"].asnumpy()
+            identity = x_t.asnumpy() / np.sqrt(alphas_cumprod[int(t)])
+            for name, estimate in (("model", guess), ("identity", identity)):
+                sums[name][i] += ((estimate - x) ** 2).reshape(len(x), -1).mean(axis=1).sum()
+            sums["mean"][i] += mean_error
+        clips += len(x)
+    if clips == 0:
+        raise ValueError("x0_error_by_timestep got no batches")
+    return DenoisingErrors(tuple(int(t) for t in timesteps),
+                           {e: s / clips for e, s in sums.items()}, clips)
