@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from mindspore import Tensor
 
-from opensora.temporal_probe import batch_model_kwargs
-from opensora.train import takes_micro_conditions
+from opensora.temporal_probe import probe_inputs, probe_timesteps
 
 ESTIMATES = ("model", "identity", "mean")
 
@@ -55,33 +54,25 @@ def x0_error_by_timestep(model: object, diffusion: object,
     (`VideoCaptionDataset` batches of latents and caption features) at each timestep of the
     full process of `diffusion` (an `IDDPM` without respacing), with the identity and mean
     estimates beside it."""
-    num_timesteps = diffusion.num_timesteps
-    for t in timesteps:
-        if not 0 <= int(t) < num_timesteps:
-            raise ValueError(f"timestep {t} outside [0, {num_timesteps})")
+    timesteps = probe_timesteps(diffusion, timesteps)
     alphas_cumprod = diffusion.schedule.alphas_cumprod
-    micro = takes_micro_conditions(model)
     rng = np.random.default_rng(seed)
     sums = {e: np.zeros(len(timesteps)) for e in ESTIMATES}
     clips = 0
-    model.set_train(False)
-    for batch in batches:
-        x = np.asarray(batch["x"], np.float32)
-        kwargs = batch_model_kwargs(batch, micro)
+    for x, kwargs in probe_inputs(model, batches):
         channel_mean = x.mean(axis=tuple(i for i in range(x.ndim) if i != 1), keepdims=True)
         mean_error = ((x - channel_mean) ** 2).reshape(len(x), -1).mean(axis=1).sum()
         for i, t in enumerate(timesteps):
             noise = rng.standard_normal(x.shape).astype(np.float32)
-            t_batch = Tensor(np.full(len(x), int(t), np.int32))
+            t_batch = Tensor(np.full(len(x), t, np.int32))
             x_t = diffusion.q_sample(Tensor(x), t_batch, Tensor(noise))
             guess = diffusion.p_mean_variance(model, x_t, t_batch, clip_denoised=False,
                                               model_kwargs=kwargs)["pred_xstart"].asnumpy()
-            identity = x_t.asnumpy() / np.sqrt(alphas_cumprod[int(t)])
+            identity = x_t.asnumpy() / np.sqrt(alphas_cumprod[t])
             for name, estimate in (("model", guess), ("identity", identity)):
                 sums[name][i] += ((estimate - x) ** 2).reshape(len(x), -1).mean(axis=1).sum()
             sums["mean"][i] += mean_error
         clips += len(x)
     if clips == 0:
         raise ValueError("x0_error_by_timestep got no batches")
-    return DenoisingErrors(tuple(int(t) for t in timesteps),
-                           {e: s / clips for e, s in sums.items()}, clips)
+    return DenoisingErrors(timesteps, {e: s / clips for e, s in sums.items()}, clips)

@@ -18,7 +18,7 @@ they are" as its prior, which is what a sampler then draws.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +69,24 @@ class ProbeResult:
         return "\n".join(lines)
 
 
+def probe_timesteps(diffusion: object, timesteps: Sequence[int]) -> tuple[int, ...]:
+    """The timesteps as ints, refused unless all lie in the full process of `diffusion`."""
+    num_timesteps = diffusion.num_timesteps
+    for t in timesteps:
+        if not 0 <= int(t) < num_timesteps:
+            raise ValueError(f"timestep {t} outside [0, {num_timesteps})")
+    return tuple(int(t) for t in timesteps)
+
+
+def probe_inputs(model: object, batches: Iterable[Mapping[str, np.ndarray]]
+                 ) -> Iterator[tuple[np.ndarray, dict[str, Tensor]]]:
+    """Each batch's float32 latents and model keywords, with `model` switched to inference."""
+    micro = takes_micro_conditions(model)
+    model.set_train(False)
+    for batch in batches:
+        yield np.asarray(batch["x"], np.float32), batch_model_kwargs(batch, micro)
+
+
 def batch_model_kwargs(batch: Mapping[str, np.ndarray], micro: bool) -> dict[str, Tensor]:
     """A probe batch's model keywords: caption features with the (B, 1, L, C) axis the models
     take, plus the micro-conditions when the model reads them (STDiT2)."""
@@ -87,27 +105,19 @@ def temporal_probe(model: object, diffusion: object, batches: Iterable[Mapping[s
     `batches` are `VideoCaptionDataset` batches (x latents, y / mask caption features and, for
     STDiT2, the micro-conditions); multi-frame batches only, since a still has no arrow.
     """
-    micro = takes_micro_conditions(model)
-    num_timesteps = diffusion.num_timesteps
-    for t in timesteps:
-        if not 0 <= int(t) < num_timesteps:
-            raise ValueError(f"timestep {t} outside [0, {num_timesteps})")
+    timesteps = probe_timesteps(diffusion, timesteps)
     rng = np.random.default_rng(seed)
     sums = {v: np.zeros(len(timesteps)) for v in VARIANTS}
     clips = 0
-    model.set_train(False)
-    for batch in batches:
-        x = np.asarray(batch["x"], np.float32)
+    for x, kwargs in probe_inputs(model, batches):
         variants = clip_variants(x, rng)
-        kwargs = batch_model_kwargs(batch, micro)
         for i, t in enumerate(timesteps):
             noise = Tensor(rng.standard_normal(x.shape).astype(np.float32))
-            t_batch = Tensor(np.full(len(x), int(t), np.int32))
+            t_batch = Tensor(np.full(len(x), t, np.int32))
             for name, clip in variants.items():
                 out = diffusion.training_losses(model, Tensor(clip), t_batch, kwargs, noise)
                 sums[name][i] += float(out["mse"].sum().asnumpy())
         clips += len(x)
     if clips == 0:
         raise ValueError("temporal_probe got no batches")
-    return ProbeResult(tuple(int(t) for t in timesteps),
-                       {v: s / clips for v, s in sums.items()}, clips)
+    return ProbeResult(timesteps, {v: s / clips for v, s in sums.items()}, clips)
