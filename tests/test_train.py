@@ -331,7 +331,7 @@ def test_given_cache_folders_are_checked_against_the_models(tiny_caches: dict[st
     assert sorted(str(w.message).split(" has no ")[1].split(":")[0] for w in caught) == [
         "t5.json", "vae.json"]
 
-    latent_cache.claim_folder(lat, latent_cache.vae_fingerprint(vae), overwrite=False)
+    latent_cache.claim_folder(lat, vae, overwrite=False)
     text_cache.claim_folder(txt, t5, overwrite=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -94,9 +94,9 @@ def vae_fingerprint(vae: Any) -> str:
     return parameters_fingerprint(vae)
 
 
-def claim_folder(out_dir: Path, fingerprint: str, overwrite: bool) -> None:
+def claim_folder(out_dir: Path, vae: Any, overwrite: bool) -> None:
     """Record the VAE that encodes into `out_dir`; refuse a folder another VAE filled."""
-    claim_cache_folder(out_dir, *RECORD, fingerprint, overwrite)
+    claim_cache_folder(out_dir, *RECORD, vae_fingerprint(vae), overwrite)
 
 
 def check_folder(folder: str | os.PathLike, vae: Any) -> None:
@@ -116,7 +116,7 @@ def cache_latents(csv_path: str | os.PathLike, out_dir: str | os.PathLike, vae: 
     csv_path = Path(csv_path)
     out_dir = resolution_folder(out_dir, image_size) if multi_resolution else Path(out_dir)
     rows = read_video_rows(csv_path, video_column)
-    claim_folder(out_dir, vae_fingerprint(vae), overwrite)
+    claim_folder(out_dir, vae, overwrite)
     report = LatentCacheReport(written=0, skipped=0, out_dir=out_dir)
     done: set[Path] = set()
     bar = tqdm(rows, desc="VAE latents", unit="video", disable=not progress)
