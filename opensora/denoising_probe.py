@@ -12,6 +12,11 @@ latent units, next to two estimates that need no model:
 
 A useful denoiser beats both at every timestep. Where it does worse than the mean, its guesses
 at that noise level are further off than a blur, and the sampler builds the clip on them.
+
+`motion_by_timestep` asks the same question of motion alone: decoded to pixels, how far does
+the shape in the model's clean-clip estimate travel along the captioned direction, next to how
+far it travels in the clip itself? Where the estimate stops moving, the sampler draws a layout
+that does not move either, however well the model denoises the last steps.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 from mindspore import Tensor
 
+from opensora.data.synthetic import DIRECTIONS, parse_caption
+from opensora.evaluation import as_uint8_frames, centroids
 from opensora.temporal_probe import probe_inputs, probe_timesteps
 
 ESTIMATES = ("model", "identity", "mean")
@@ -76,3 +83,71 @@ def x0_error_by_timestep(model: object, diffusion: object,
     if clips == 0:
         raise ValueError("x0_error_by_timestep got no batches")
     return DenoisingErrors(timesteps, {e: s / clips for e, s in sums.items()}, clips)
+
+
+@dataclass(frozen=True)
+class MotionShifts:
+    timesteps: tuple[int, ...]
+    model_shift: np.ndarray  # (len(timesteps),) mean px the estimate's shape moves as captioned
+    data_shift: float  # the same for the clips themselves
+    clips: int
+
+    def moving_up_to(self, fraction: float = 0.5) -> int | None:
+        """Highest timestep whose estimate moves at least `fraction` of the clips' own shift."""
+        moving = [t for t, s in zip(self.timesteps, self.model_shift)
+                  if s >= fraction * self.data_shift]
+        return max(moving) if moving else None
+
+    def table(self) -> str:
+        lines = [f"{'timestep':>8s} {'model px':>9s} {'of data':>8s}"]
+        for t, shift in zip(self.timesteps, self.model_shift):
+            lines.append(f"{t:>8d} {shift:9.1f} {shift / self.data_shift:8.0%}")
+        lines.append(f"(the clips themselves: {self.data_shift:.1f} px along the captioned "
+                     f"direction; {self.clips} clips)")
+        return "\n".join(lines)
+
+
+def captioned_shift(clip: np.ndarray, caption: str) -> float:
+    """Pixels the shape's centroid moves from its first to its last visible frame, projected on
+    the caption's direction (0 when it is visible in fewer than two frames)."""
+    direction = parse_caption(caption)["direction"]
+    if direction is None:
+        raise ValueError(f"caption names no direction ({', '.join(DIRECTIONS)}): {caption!r}")
+    points = centroids(as_uint8_frames(clip))
+    seen = np.flatnonzero(~np.isnan(points[:, 0]))
+    if len(seen) < 2:
+        return 0.0
+    return float((points[seen[-1]] - points[seen[0]]) @ np.asarray(DIRECTIONS[direction]))
+
+
+def motion_by_timestep(model: object, diffusion: object, vae: object,
+                       batches: Iterable[Mapping[str, np.ndarray]], captions: Sequence[str],
+                       timesteps: Sequence[int] = (200, 400, 600, 800),
+                       seed: int = 0) -> MotionShifts:
+    """How far the shape in `model`'s clean-latent estimate moves along the captioned direction,
+    decoded by `vae`, on `batches` noised to each timestep; `captions` name the clips of all
+    batches in order (a moving-shapes caption with a direction each)."""
+    from opensora.train import decode_latents
+
+    timesteps = probe_timesteps(diffusion, timesteps)
+    captions = list(captions)
+    rng = np.random.default_rng(seed)
+    sums, data_sum, clips = np.zeros(len(timesteps)), 0.0, 0
+    for x, kwargs in probe_inputs(model, batches):
+        names = captions[clips : clips + len(x)]
+        if len(names) != len(x):
+            raise ValueError(f"{len(captions)} captions, but the batches hold more clips")
+        data_sum += sum(map(captioned_shift, decode_latents(vae, x), names))
+        for i, t in enumerate(timesteps):
+            noise = rng.standard_normal(x.shape).astype(np.float32)
+            t_batch = Tensor(np.full(len(x), t, np.int32))
+            x_t = diffusion.q_sample(Tensor(x), t_batch, Tensor(noise))
+            guess = diffusion.p_mean_variance(model, x_t, t_batch, clip_denoised=False,
+                                              model_kwargs=kwargs)["pred_xstart"].asnumpy()
+            sums[i] += sum(map(captioned_shift, decode_latents(vae, guess), names))
+        clips += len(x)
+    if clips == 0:
+        raise ValueError("motion_by_timestep got no batches")
+    if clips != len(captions):
+        raise ValueError(f"{len(captions)} captions for {clips} clips")
+    return MotionShifts(timesteps, sums / clips, data_sum / clips, clips)

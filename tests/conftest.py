@@ -78,4 +78,5 @@ def real_batch() -> dict[str, np.ndarray]:
                              model_max_length=preset.model_max_length)
     y, mask = caption_embeddings(text_encoder, [r["caption"] for r in rows])
     micro = micro_condition_arrays(len(rows), preset.num_frames, preset.image_size, preset.fps)
-    return {"x": x, "y": y, "mask": mask, **micro}
+    return {"x": x, "y": y, "mask": mask, "caption": np.array([r["caption"] for r in rows]),
+            **micro}

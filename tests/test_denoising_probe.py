@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 from mindspore import nn, ops
 
-from opensora.denoising_probe import ESTIMATES, DenoisingErrors, x0_error_by_timestep
+from opensora.denoising_probe import (
+    ESTIMATES,
+    DenoisingErrors,
+    MotionShifts,
+    motion_by_timestep,
+    x0_error_by_timestep,
+)
+from opensora.models.vae import VideoAutoencoderKL
 from opensora.presets import build_model, get_preset
 from opensora.schedulers.iddpm import IDDPM
 
@@ -90,6 +97,54 @@ def test_committed_tiny_model_denoises_where_noise_is_light(real_batch) -> None:
     assert result.errors["model"][0] < 0.1 * result.errors["mean"][0], result.table()
 
 
+@pytest.fixture(scope="module")
+def vae() -> VideoAutoencoderKL:
+    return VideoAutoencoderKL.from_pretrained(get_preset("tiny").vae_path)
+
+
+def test_motion_of_an_exact_and_of_a_frozen_estimate(real_batch, vae) -> None:
+    """An estimate equal to the clip moves exactly as far as the clip; the clip's first frame
+    repeated does not move at all, at any noise level."""
+    diffusion, x = IDDPM(), real_batch["x"]
+    captions = list(real_batch["caption"])
+    exact = motion_by_timestep(OracleEps(x, diffusion), diffusion, vae, [real_batch], captions,
+                               (200, 800))
+    assert exact.clips == 4 and exact.data_shift > 10.0, exact.table()  # clips move ~17 px
+    np.testing.assert_allclose(exact.model_shift, exact.data_shift, atol=0.5)
+    frozen_clip = np.repeat(x[:, :, :1], x.shape[2], axis=2)
+    frozen = motion_by_timestep(OracleEps(frozen_clip, diffusion), diffusion, vae, [real_batch],
+                                captions, (200, 800))
+    np.testing.assert_allclose(frozen.model_shift, 0.0, atol=1e-6)
+    assert frozen.data_shift == exact.data_shift
+    assert exact.moving_up_to() == 800 and frozen.moving_up_to() is None
+
+
+def test_motion_probe_refuses_captions_that_do_not_fit(real_batch, vae) -> None:
+    diffusion, x = IDDPM(), real_batch["x"]
+    captions = list(real_batch["caption"])
+    with pytest.raises(ValueError, match="5 captions for 4 clips"):
+        motion_by_timestep(ZeroEps(), diffusion, vae, [real_batch], captions + captions[:1],
+                           (200,))
+    with pytest.raises(ValueError, match="3 captions, but the batches hold more clips"):
+        motion_by_timestep(ZeroEps(), diffusion, vae, [real_batch], captions[:3], (200,))
+    with pytest.raises(ValueError, match="batches hold more clips"):
+        motion_by_timestep(ZeroEps(), diffusion, vae, [real_batch, real_batch], captions, (200,))
+    with pytest.raises(ValueError, match="names no direction"):
+        motion_by_timestep(ZeroEps(), diffusion, vae, [real_batch],
+                           ["a red square on a black background"] * len(x), (200,))
+    shifts = MotionShifts((200, 800), np.array([15.0, 2.0]), 16.0, clips=8)
+    assert shifts.moving_up_to() == 200 and shifts.moving_up_to(0.1) == 800
+    assert "16.0 px" in shifts.table() and "94%" in shifts.table()
+
+
+def test_committed_tiny_model_moves_its_estimate_where_noise_is_light(real_batch, vae) -> None:
+    """Given a noised moving clip, the trained model's clean estimate keeps the motion."""
+    result = motion_by_timestep(build_model(get_preset("tiny")), IDDPM(), vae, [real_batch],
+                                list(real_batch["caption"]), (200, 800))
+    print(result.table())
+    assert result.model_shift[0] > 0.6 * result.data_shift, result.table()
+
+
 @pytest.mark.notebook
 def test_training_chapter_probes_its_clean_latent_estimates(executed_book) -> None:
     result = executed_book.result("06_training")
@@ -97,3 +152,12 @@ def test_training_chapter_probes_its_clean_latent_estimates(executed_book) -> No
     assert probe["timesteps"] == [100, 300, 500, 700, 900] and probe["clips"] > 0
     assert set(probe["errors"]) == set(ESTIMATES)
     assert all(len(v) == 5 and all(np.isfinite(v)) for v in probe["errors"].values())
+
+
+@pytest.mark.notebook
+def test_training_chapter_probes_the_motion_of_its_estimates(executed_book) -> None:
+    result = executed_book.result("06_training")
+    probe = json.loads((result.output_dir / "motion_probe.json").read_text())
+    assert probe["timesteps"] == [200, 400, 600, 800] and probe["clips"] > 0
+    assert len(probe["model_shift"]) == 4 and all(np.isfinite(probe["model_shift"]))
+    assert probe["data_shift"] > 10.0  # the training clips move ~17 px
