@@ -21,7 +21,7 @@ that does not move either, however well the model denoises the last steps.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +53,20 @@ class DenoisingErrors:
         return "\n".join(lines)
 
 
+def noised_estimates(model: object, diffusion: object, x: np.ndarray,
+                     kwargs: Mapping[str, Tensor], timesteps: Sequence[int],
+                     rng: np.random.Generator) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(t, x_t, the model's clean-latent estimate from x_t) for each timestep, x noised afresh
+    from `rng` each time."""
+    for t in timesteps:
+        noise = rng.standard_normal(x.shape).astype(np.float32)
+        t_batch = Tensor(np.full(len(x), t, np.int32))
+        x_t = diffusion.q_sample(Tensor(x), t_batch, Tensor(noise))
+        guess = diffusion.p_mean_variance(model, x_t, t_batch, clip_denoised=False,
+                                          model_kwargs=dict(kwargs))["pred_xstart"]
+        yield t, x_t.asnumpy(), guess.asnumpy()
+
+
 def x0_error_by_timestep(model: object, diffusion: object,
                          batches: Iterable[Mapping[str, np.ndarray]],
                          timesteps: Sequence[int] = (100, 300, 500, 700, 900),
@@ -69,13 +83,9 @@ def x0_error_by_timestep(model: object, diffusion: object,
     for x, kwargs in probe_inputs(model, batches):
         channel_mean = x.mean(axis=tuple(i for i in range(x.ndim) if i != 1), keepdims=True)
         mean_error = ((x - channel_mean) ** 2).reshape(len(x), -1).mean(axis=1).sum()
-        for i, t in enumerate(timesteps):
-            noise = rng.standard_normal(x.shape).astype(np.float32)
-            t_batch = Tensor(np.full(len(x), t, np.int32))
-            x_t = diffusion.q_sample(Tensor(x), t_batch, Tensor(noise))
-            guess = diffusion.p_mean_variance(model, x_t, t_batch, clip_denoised=False,
-                                              model_kwargs=kwargs)["pred_xstart"].asnumpy()
-            identity = x_t.asnumpy() / np.sqrt(alphas_cumprod[t])
+        for i, (t, x_t, guess) in enumerate(
+                noised_estimates(model, diffusion, x, kwargs, timesteps, rng)):
+            identity = x_t / np.sqrt(alphas_cumprod[t])
             for name, estimate in (("model", guess), ("identity", identity)):
                 sums[name][i] += ((estimate - x) ** 2).reshape(len(x), -1).mean(axis=1).sum()
             sums["mean"][i] += mean_error
@@ -138,12 +148,8 @@ def motion_by_timestep(model: object, diffusion: object, vae: object,
         if len(names) != len(x):
             raise ValueError(f"{len(captions)} captions, but the batches hold more clips")
         data_sum += sum(map(captioned_shift, decode_latents(vae, x), names))
-        for i, t in enumerate(timesteps):
-            noise = rng.standard_normal(x.shape).astype(np.float32)
-            t_batch = Tensor(np.full(len(x), t, np.int32))
-            x_t = diffusion.q_sample(Tensor(x), t_batch, Tensor(noise))
-            guess = diffusion.p_mean_variance(model, x_t, t_batch, clip_denoised=False,
-                                              model_kwargs=kwargs)["pred_xstart"].asnumpy()
+        for i, (_, _, guess) in enumerate(
+                noised_estimates(model, diffusion, x, kwargs, timesteps, rng)):
             sums[i] += sum(map(captioned_shift, decode_latents(vae, guess), names))
         clips += len(x)
     if clips == 0:
