@@ -28,7 +28,7 @@ import numpy as np
 from mindspore import Tensor
 
 from opensora.data.synthetic import DIRECTIONS, parse_caption
-from opensora.evaluation import as_uint8_frames, centroids
+from opensora.evaluation import as_uint8_frames, centroid_shift
 from opensora.temporal_probe import probe_inputs, probe_timesteps
 
 ESTIMATES = ("model", "identity", "mean")
@@ -123,11 +123,8 @@ def captioned_shift(clip: np.ndarray, caption: str) -> float:
     direction = parse_caption(caption)["direction"]
     if direction is None:
         raise ValueError(f"caption names no direction ({', '.join(DIRECTIONS)}): {caption!r}")
-    points = centroids(as_uint8_frames(clip))
-    seen = np.flatnonzero(~np.isnan(points[:, 0]))
-    if len(seen) < 2:
-        return 0.0
-    return float((points[seen[-1]] - points[seen[0]]) @ np.asarray(DIRECTIONS[direction]))
+    shift = centroid_shift(as_uint8_frames(clip))
+    return 0.0 if shift is None else float(shift @ np.asarray(DIRECTIONS[direction]))
 
 
 def motion_by_timestep(model: object, diffusion: object, vae: object,

@@ -76,15 +76,22 @@ def centroids(frames: np.ndarray, threshold: float = 60.0,
     return out
 
 
-def motion_direction(frames: np.ndarray, threshold: float = 60.0, min_pixels: int = 10,
-                     min_shift: float = 2.0) -> str | None:
-    """left / right / up / down from the first-to-last centroid displacement, or None."""
+def centroid_shift(frames: np.ndarray, threshold: float = 60.0,
+                   min_pixels: int = 10) -> np.ndarray | None:
+    """(dx, dy) of the shape's centroid from its first to its last visible frame; None when it
+    is visible in fewer than two frames."""
     points = centroids(frames, threshold, min_pixels)
     valid = np.flatnonzero(~np.isnan(points[:, 0]))
     if len(valid) < 2:
         return None
-    shift = points[valid[-1]] - points[valid[0]]
-    if np.linalg.norm(shift) < min_shift:
+    return points[valid[-1]] - points[valid[0]]
+
+
+def motion_direction(frames: np.ndarray, threshold: float = 60.0, min_pixels: int = 10,
+                     min_shift: float = 2.0) -> str | None:
+    """left / right / up / down from the first-to-last centroid displacement, or None."""
+    shift = centroid_shift(frames, threshold, min_pixels)
+    if shift is None or np.linalg.norm(shift) < min_shift:
         return None
     names = list(DIRECTIONS)
     scores = [float(np.dot(shift, DIRECTIONS[n])) for n in names]
