@@ -27,8 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from mindspore import Tensor
 
-from opensora.data.synthetic import DIRECTIONS, parse_caption
-from opensora.evaluation import as_uint8_frames, centroid_shift
+from opensora.evaluation import captioned_shift
 from opensora.temporal_probe import probe_inputs, probe_timesteps
 
 ESTIMATES = ("model", "identity", "mean")
@@ -115,16 +114,6 @@ class MotionShifts:
         lines.append(f"(the clips themselves: {self.data_shift:.1f} px along the captioned "
                      f"direction; {self.clips} clips)")
         return "\n".join(lines)
-
-
-def captioned_shift(clip: np.ndarray, caption: str) -> float:
-    """Pixels the shape's centroid moves from its first to its last visible frame, projected on
-    the caption's direction (0 when it is visible in fewer than two frames)."""
-    direction = parse_caption(caption)["direction"]
-    if direction is None:
-        raise ValueError(f"caption names no direction ({', '.join(DIRECTIONS)}): {caption!r}")
-    shift = centroid_shift(as_uint8_frames(clip))
-    return 0.0 if shift is None else float(shift @ np.asarray(DIRECTIONS[direction]))
 
 
 def motion_by_timestep(model: object, diffusion: object, vae: object,

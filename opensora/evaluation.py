@@ -11,6 +11,8 @@ The moving-shapes world makes this measurable with plain image statistics, no le
 * **motion**: the centroid of the shape pixels in every frame that has at least `min_pixels`
   of them; the displacement from the first to the last such frame, if longer than
   `min_shift` pixels, is named by the closest of the four directions (image y grows down).
+  `captioned_shift` projects the same displacement on the caption's direction: how far the
+  shape went the asked-for way, in pixels.
 
 A clip with too few shape pixels or too little movement gets None, which counts as wrong.
 """
@@ -85,6 +87,17 @@ def centroid_shift(frames: np.ndarray, threshold: float = 60.0,
     if len(valid) < 2:
         return None
     return points[valid[-1]] - points[valid[0]]
+
+
+def captioned_shift(clip: np.ndarray, caption: str, threshold: float = 60.0,
+                    min_pixels: int = 10) -> float:
+    """Pixels the shape's centroid moves from its first to its last visible frame, projected on
+    the caption's direction (0 when it is visible in fewer than two frames)."""
+    direction = parse_caption(caption)["direction"]
+    if direction is None:
+        raise ValueError(f"caption names no direction ({', '.join(DIRECTIONS)}): {caption!r}")
+    shift = centroid_shift(as_uint8_frames(clip), threshold, min_pixels)
+    return 0.0 if shift is None else float(shift @ np.asarray(DIRECTIONS[direction]))
 
 
 def motion_direction(frames: np.ndarray, threshold: float = 60.0, min_pixels: int = 10,

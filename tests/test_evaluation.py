@@ -11,6 +11,7 @@ import pytest
 from opensora.data.synthetic import ClipSpec, render_clip
 from opensora.data.video import read_video
 from opensora.evaluation import (
+    captioned_shift,
     continuation,
     dominant_color,
     motion_direction,
@@ -39,6 +40,21 @@ def test_rendered_clips(color: str, direction: str, background: str) -> None:
     assert dominant_color(frames) == color
     assert motion_direction(frames) == direction
     assert score_clip(frames, spec.caption).motion_ok
+
+
+def test_captioned_shift_is_signed_along_the_caption() -> None:
+    spec = ClipSpec("red", "square", "right", "black", (20.0, 32.0), 1.5, 8.0)
+    frames = render_clip(spec, num_frames=11, size=64, supersample=1)  # 15 px to the right
+    assert captioned_shift(frames, "a red square moving right on a black background") \
+        == pytest.approx(15.0, abs=0.5)
+    assert captioned_shift(frames, "a red square moving left on a black background") \
+        == pytest.approx(-15.0, abs=0.5)
+    assert captioned_shift(frames, "a red square moving up on a black background") \
+        == pytest.approx(0.0, abs=0.5)
+    assert captioned_shift(np.zeros_like(frames), "a red square moving up on a black background") \
+        == 0.0  # no shape visible
+    with pytest.raises(ValueError, match="names no direction"):
+        captioned_shift(frames, "a red square on a black background")
 
 
 def test_no_shape_or_no_motion_scores_none() -> None:
