@@ -224,9 +224,12 @@ def test_two_workers_equal_one_process_with_the_global_batch(
         np.testing.assert_allclose(two_worker_run[f"{variant}/param/{name}"], value,
                                    rtol=1e-4, atol=2e-5, err_msg=f"{variant} {name}")
     np.testing.assert_allclose(two_worker_run[f"{variant}/losses"], single.losses, rtol=1e-5)
-    for name, value in single.optimizer_state.items():  # gathered from both ranks if sharded
+    # gathered from both ranks if sharded; the all-reduce sums half-batch gradients in another
+    # order, so an element that nearly cancels differs by float32 rounding of the largest terms
+    for name, value in single.optimizer_state.items():
         np.testing.assert_allclose(two_worker_run[f"{variant}/state/{name}"].reshape(-1),
-                                   value.reshape(-1), rtol=1e-4, atol=1e-7, err_msg=name)
+                                   value.reshape(-1), rtol=1e-4,
+                                   atol=1e-4 * float(np.abs(value).max()), err_msg=name)
     # the parameters did move: equality is not that of two untouched copies
     start = TinyMLP().trainable_params()
     assert not np.allclose(single.params["fc1.weight"], start[0].asnumpy())

@@ -254,9 +254,10 @@ def test_two_workers_train_the_tiny_preset_like_one_process(tiny_caches: dict[st
         for name, expected in reference.items():
             got = read_state_dict(out / "checkpoints" / "step_000002" / name)
             assert set(got) == set(expected), (variant, name)
-            for key, value in expected.items():
+            for key, value in expected.items():  # all-reduce order: rounding of the largest
                 np.testing.assert_allclose(got[key].reshape(value.shape), value, rtol=1e-4,
-                                           atol=2e-6, err_msg=f"{variant} {name} {key}")
+                                           atol=1e-4 * float(np.abs(value).max()),
+                                           err_msg=f"{variant} {name} {key}")
         np.testing.assert_allclose([r["loss"] for r in read_loss_csv(out / "loss.csv")],
                                    losses, rtol=1e-4)
         with (out / "step_times.csv").open() as handle:
