@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: setup test lint browser book book-clean bench tiny-vae tiny-weights data clean
+.PHONY: setup test test-fast eval lint browser book book-clean bench tiny-t5 tiny-vae tiny-weights data clean
 
 setup: $(STAMP)
 
@@ -19,10 +19,22 @@ $(STAMP): requirements-lock.txt pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check opensora tests
+	$(VENV)/bin/ruff check opensora tests notebooks book research
 
+# Everything: unit tests, every notebook as a papermill job, the book build and the browser test.
+# Each phase prints its wall time (setup is the .venv stamp above).
 test: $(STAMP) lint browser
 	$(PY) -m pytest -q --durations=15
+
+# The unit tests alone (no notebook, no book build, no browser, no slow multi-process run):
+# the contributor's loop, a few minutes.
+test-fast: $(STAMP) lint
+	$(PY) -m pytest -q -m "not notebook and not slow and not eval" --durations=10
+
+# The quality of the committed tiny weights: samples the held-out captions with 3 seeds and
+# prints the colour / motion scores (a measurement, not part of `make test`).
+eval: $(STAMP)
+	$(PY) -m pytest -q -s -m eval tests/test_tiny_preset.py
 
 # The browser test drives Debian's chromium (no browser download); install it when we can.
 browser:
@@ -43,7 +55,13 @@ bench: $(STAMP)
 
 # Regenerate the sample clips and the caption tokenizer (seeded: identical output).
 data: $(STAMP)
-	$(PY) -m opensora.data.synthetic --out data_samples --tokenizer
+	$(PY) -m opensora.data.synthetic --out data_samples
+	$(PY) -m opensora.data.tokenizer --out data_samples/tokenizer
+
+# The tiny preset's T5: random, seeded weights sized to the caption tokenizer (a frozen stand-in).
+tiny-t5: $(STAMP)
+	$(PY) -m opensora.models.t5 --make-tiny data_samples/models/t5_tiny \
+	  --tokenizer data_samples/tokenizer
 
 # The tiny preset's VAE: trained from scratch on data_samples/ (seeded; about 105 CPU minutes).
 tiny-vae: $(STAMP)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import mindspore as ms
 import numpy as np
 
 StateDict = dict[str, np.ndarray]
@@ -315,8 +316,6 @@ def _flatten_tensors(obj: Any, source: Path) -> StateDict:
 
 
 def read_mindspore_ckpt(path: str | os.PathLike) -> StateDict:
-    import mindspore as ms
-
     try:
         params = ms.load_checkpoint(str(path))
     except Exception as exc:
@@ -471,7 +470,6 @@ def load_checkpoint(cell: Any, source: str | os.PathLike | Mapping[str, np.ndarr
             f"{origin} does not fit {type(cell).__name__}:\n{report.describe()}\n"
             "Check that the preset / config matches the checkpoint, or pass strict=False."
         )
-    import mindspore as ms
 
     for name in report.loaded:
         param = params[name]
@@ -496,8 +494,6 @@ def save_state_dict(source: Any, path: str | os.PathLike,
     elif path.suffix == ".npz":
         save_npz_atomic(path, **state)
     elif path.suffix == ".ckpt":
-        import mindspore as ms
-
         with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tmp:
             tmp_file = Path(tmp) / path.name
             ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in state.items()],

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from opensora.data.synthetic import COLORS, DIRECTIONS, parse_caption
+from opensora.data.video import to_uint8_frames
 
 
 def as_uint8_frames(clip: np.ndarray) -> np.ndarray:
@@ -36,7 +37,6 @@ def as_uint8_frames(clip: np.ndarray) -> np.ndarray:
         return clip
     if clip.ndim != 4 or clip.shape[0] != 3:
         raise ValueError(f"expected a (3, T, H, W) float clip in [-1, 1], got {clip.shape}")
-    from opensora.data.video import to_uint8_frames
 
     return to_uint8_frames(clip)
 

@@ -18,6 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import papermill
+import yaml
+from papermill.exceptions import PapermillExecutionError
+
+from opensora.runtime import project_root
+
 
 class JobError(RuntimeError):
     """The job could not start (bad parameters) or a cell failed while it ran."""
@@ -71,8 +77,6 @@ def declared_parameters(notebook: str | Path) -> dict[str, Any]:
 
 def toc_notebooks(root: str | Path) -> list[Path]:
     """The notebooks of the book, in `_toc.yml` order (prose pages left out)."""
-    import yaml
-
     root = Path(root)
 
     def walk(node: Any) -> Iterator[str]:
@@ -118,13 +122,12 @@ def run_notebook(notebook: str | Path, parameters: Mapping[str, Any] | None = No
                  timeout: int | None = None, progress: bool = False) -> JobResult:
     """Execute `notebook` with papermill, writing the executed copy into `output_dir`.
 
-    If the notebook declares an `output_dir` parameter it receives the same folder, so files
-    the notebook writes land beside the executed notebook. Raises `JobError` naming the failing
-    cell's exception; the executed copy (with the error) is kept for inspection.
+    The kernel starts in the book's root folder (`opensora.runtime.project_root`), and
+    `output_dir` defaults to the root's `runs/<notebook>`: a job never writes beside the
+    notebooks. If the notebook declares an `output_dir` parameter it receives the same folder,
+    so files the notebook writes land beside the executed notebook. Raises `JobError` naming the
+    failing cell's exception; the executed copy (with the error) is kept for inspection.
     """
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
     notebook = Path(notebook)
     declared = declared_parameters(notebook)
     params = {**(ci_parameters(notebook) if ci else {}), **(parameters or {})}
@@ -132,16 +135,20 @@ def run_notebook(notebook: str | Path, parameters: Mapping[str, Any] | None = No
     if unknown:
         raise JobError(f"{notebook.name} does not declare parameter(s) {unknown}; "
                        f"it declares {sorted(declared)}")
-    output_dir = Path(output_dir or Path("runs") / notebook.stem).resolve()
+    root = project_root(notebook.parent)
+    output_dir = Path(output_dir).resolve() if output_dir else root / "runs" / notebook.stem
+    executed = output_dir / notebook.name
+    if executed.resolve() == notebook.resolve():
+        raise JobError(f"output folder {output_dir} holds the notebook itself: the executed copy "
+                       "would overwrite its source; pass another -o (e.g. runs/...)")
     output_dir.mkdir(parents=True, exist_ok=True)
     if "output_dir" in declared and "output_dir" not in params:
         params["output_dir"] = str(output_dir)
-    executed = output_dir / notebook.name
     start = time.perf_counter()
     try:
         papermill.execute_notebook(str(notebook), str(executed), parameters=params,
                                    kernel_name="python3", progress_bar=progress,
-                                   execution_timeout=timeout, cwd=None)
+                                   execution_timeout=timeout, cwd=str(root))
     except PapermillExecutionError as exc:
         raise JobError(f"{notebook.name} failed in cell {exc.exec_count}: "
                        f"{exc.ename}: {exc.evalue}\n(executed copy: {executed})") from None

@@ -19,8 +19,12 @@ import mindspore as ms
 import numpy as np
 
 from opensora.checkpoint import CheckpointError, save_npz_atomic
+from opensora.data.video import to_uint8_frames, write_video
 from opensora.models.compiled import compiled_forward
+from opensora.models.text_encoder import T5Encoder
+from opensora.models.vae import VideoAutoencoderKL
 from opensora.presets import Preset, build_model, get_preset
+from opensora.schedulers.iddpm import IDDPM
 
 IMAGE_FPS = 120  # the fps micro-condition Open-Sora 1.1 gives single images
 
@@ -148,10 +152,6 @@ class TextToVideoPipeline:
         A preset whose transformer weights are missing is an error unless `allow_untrained`,
         because sampling random weights produces noise that looks like a bug.
         """
-        from opensora.models.text_encoder import T5Encoder
-        from opensora.models.vae import VideoAutoencoderKL
-        from opensora.schedulers.iddpm import IDDPM
-
         preset = get_preset(preset) if isinstance(preset, str) else preset
         vae_path = Path(vae_path) if vae_path else preset.vae_path
         t5_path = Path(t5_path) if t5_path else preset.t5_path
@@ -259,8 +259,6 @@ class TextToVideoPipeline:
 
     def decode(self, latents: Latents, output_dir: str | os.PathLike | None = None,
                fmt: str = "mp4") -> list[GeneratedVideo]:
-        from opensora.data.video import to_uint8_frames, write_video
-
         videos = []
         for i, (prompt, seed) in enumerate(zip(latents.prompts, latents.seeds)):
             clip = self.vae.decode(ms.Tensor(latents.latents[i : i + 1])).asnumpy()[0]

@@ -11,6 +11,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from opensora.models.shapes import count_stdit2_parameters, count_stdit_parameters
+from opensora.models.stdit import STDiT
+from opensora.models.stdit2 import STDiT2
+from opensora.models.vae import SD_SCALING_FACTOR, AutoencoderKLConfig
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_SAMPLES = REPO_ROOT / "data_samples"
 
@@ -129,9 +134,6 @@ def build_model(preset: Preset | str, checkpoint: str | Path | None = None, **ov
     """The preset's diffusion transformer: from `checkpoint` (or the preset's `model_path`) when
     one is given and exists, otherwise freshly initialised. `overrides` go to the constructor
     (e.g. attn_backend, enable_recompute)."""
-    from opensora.models.stdit import STDiT
-    from opensora.models.stdit2 import STDiT2
-
     preset = get_preset(preset) if isinstance(preset, str) else preset
     model_cls = {"STDiT": STDiT, "STDiT2": STDiT2}[preset.model_type]
     path = Path(checkpoint) if checkpoint else preset.model_path
@@ -144,9 +146,6 @@ def build_model(preset: Preset | str, checkpoint: str | Path | None = None, **ov
 
 def count_model_parameters(preset: Preset | str) -> int:
     """Parameter count of the preset's transformer from its shapes alone (nothing allocated)."""
-    from opensora.models.stdit import count_stdit_parameters
-    from opensora.models.stdit2 import count_stdit2_parameters
-
     preset = get_preset(preset) if isinstance(preset, str) else preset
     count = count_stdit2_parameters if preset.model_type == "STDiT2" else count_stdit_parameters
     return count(**preset.model)
@@ -155,8 +154,6 @@ def count_model_parameters(preset: Preset | str) -> int:
 def preset_scaling_factor(preset: Preset | str) -> float:
     """The latent scale of the preset's VAE (its config.json), SD's 0.18215 without a VAE path:
     cached latents are multiplied by it, so it must be the one the sampler decodes with."""
-    from opensora.models.vae import SD_SCALING_FACTOR, AutoencoderKLConfig
-
     preset = get_preset(preset) if isinstance(preset, str) else preset
     if preset.vae_path is None:
         return SD_SCALING_FACTOR

@@ -6,8 +6,8 @@ operators the time goes to.
 - `peak_memory`: the resident-memory high-water mark a call adds, measured in a fresh spawned
   process. A fresh process is needed because MindSpore keeps freed device memory in its pool
   (on CPU too), so a second call of the same size in the same process shows no growth.
-- `attention_flops`, `stdit2_flops`, `stdit2_train_flops`: matmul FLOPs counted in closed form
-  (2 per multiply-add), so shapes far too large to run (512 x 512 video) can still be compared.
+- `attention_flops`: the FLOPs of one attention call in closed form (the model's are counted in
+  `opensora.models.shapes`), so shapes far too large to run (512 x 512 video) can be compared.
 - `profile_operators`: runs a callable under `mindspore.profiler.profile` and returns the
   operator types that took the most time, parsed from the CSV files the profiler writes.
 """
@@ -32,8 +32,13 @@ from typing import Any
 
 import mindspore as ms
 import numpy as np
+from mindspore.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
-from opensora.models.attention import KEY_BLOCK_SIZE, QUERY_BLOCK_SIZE
+from opensora.models.attention import KEY_BLOCK_SIZE, QUERY_BLOCK_SIZE, attention
+from opensora.models.stdit2 import STDiT2
+from opensora.models.vae import VideoAutoencoderKL
+from opensora.presets import get_preset
+from opensora.runtime import configure
 
 # ---------------------------------------------------------------------------------------------
 # timing
@@ -188,6 +193,7 @@ def _memory_child(conn: Any, workload: Callable[..., Callable[[], Any]],
                   params: dict[str, Any], mode: str) -> None:
     """Runs in the spawned process: setup, then (mode) measure the call, report through conn."""
     try:
+        configure()  # a spawned process starts as MindSpore's default, like a fresh CLI
         call = workload(**params)
         if mode == "setup-only":
             conn.send({"peak_rss": _lifetime_peak_bytes(), "baseline_rss": None})
@@ -314,8 +320,6 @@ def attention_workload(backend: str, seq_len: int, heads: int = 1, head_dim: int
                        ) -> Callable[[], Any]:
     """q, k, v built and the backend's kernels warmed up on `warmup_len` tokens; returns the
     full-size attention call."""
-    from opensora.models.attention import attention
-
     blocks = {"block_size": block_size, "key_block_size": key_block_size or KEY_BLOCK_SIZE}
     small = attention_inputs(min(warmup_len, seq_len), heads, head_dim, batch, dtype, seed=1)
     attention(*small, backend=backend, **blocks).asnumpy()
@@ -328,8 +332,6 @@ def vae_encode_workload(vae_path: str, num_frames: int, height: int, width: int,
                         ) -> Callable[[], Any]:
     """A `VideoAutoencoderKL` from a diffusers folder and a random clip, warmed up on one frame;
     returns encode (and decode) of the whole clip in micro-batches of `micro_batch_size`."""
-    from opensora.models.vae import VideoAutoencoderKL
-
     vae = VideoAutoencoderKL.from_pretrained(vae_path, micro_batch_size=micro_batch_size)
     rng = np.random.default_rng(0)
 
@@ -412,8 +414,6 @@ def train_step_workload(preset: str = "tiny", latent_shape: Sequence[int] = (16,
                         attn_backend: str = "math", batch: int = 1) -> Callable[[], Any]:
     """A freshly initialised preset model (dropout off) and its gradient step, warmed up on a
     one-frame latent; returns the full-size step."""
-    from opensora.presets import get_preset
-
     config = dict(get_preset(preset).model, class_dropout_prob=0.0)
     model_cls = _model_class(get_preset(preset).model_type)
     model = model_cls(**config, attn_backend=attn_backend, enable_recompute=recompute)
@@ -427,7 +427,6 @@ def train_step_workload(preset: str = "tiny", latent_shape: Sequence[int] = (16,
 def _model_class(model_type: str) -> type:
     if model_type != "STDiT2":
         raise ValueError(f"train_step_workload builds STDiT2 presets, not {model_type!r}")
-    from opensora.models.stdit2 import STDiT2
 
     return STDiT2
 
@@ -466,95 +465,11 @@ def video_latent_shape(num_frames: int, height: int, width: int, spatial_factor:
             math.ceil(width / spatial_factor))
 
 
-def _model_config(model: Any) -> Mapping[str, Any]:
-    """Constructor keywords from a preset name, a Preset, a model (its `.config`) or a dict."""
-    from opensora.presets import Preset, get_preset
-
-    if isinstance(model, str):
-        model = get_preset(model)
-    if isinstance(model, Preset):
-        return model.model
-    if hasattr(model, "config") and isinstance(model.config, Mapping):
-        return model.config
-    if isinstance(model, Mapping):
-        return model
-    raise TypeError(f"expected a preset name, Preset, STDiT2 or config dict, got {model!r}")
-
-
-def stdit2_tokens(latent_shape: Sequence[int], patch_size: Sequence[int]) -> tuple[int, int]:
-    """(frames, tokens per frame) after patchifying a (T, H, W) latent (padded up)."""
-    if len(latent_shape) != 3:
-        raise ValueError(f"latent_shape must be (T, H, W), got {tuple(latent_shape)}")
-    (t, h, w), (pt, ph, pw) = latent_shape, patch_size
-    return math.ceil(t / pt), math.ceil(h / ph) * math.ceil(w / pw)
-
-
-def stdit2_flops(model: Any, latent_shape: Sequence[int], batch: int = 1,
-                 caption_tokens: int | None = None) -> dict[str, int]:
-    """Matmul FLOPs of one STDiT2 forward pass, by part (2 FLOPs per multiply-add).
-
-    A (T, H, W) latent gives T' frames of S tokens (N = T' S). Per block and sample:
-    spatial attention qkv + proj 8 N D^2 and core 4 T' S^2 D; temporal attention 8 N D^2 and
-    4 S T'^2 D; cross-attention q + proj 4 N D^2, kv 4 L D^2 and core 4 N L D (L caption tokens,
-    all counted as if unmasked); MLP 4 N D M. Outside the blocks: patch embedding, conditioning
-    (timestep, size and caption embedders, t_block, t_block_temp) and the final layer.
-    Elementwise work (norms, softmax, modulation, RoPE) is not counted.
-    """
-    cfg = _model_config(model)
-    d, depth = int(cfg["hidden_size"]), int(cfg["depth"])
-    patch = tuple(int(p) for p in cfg["patch_size"])
-    mlp = int(d * cfg.get("mlp_ratio", 4.0))
-    c_in = int(cfg["in_channels"])
-    c_out = 2 * c_in if cfg.get("pred_sigma", True) else c_in
-    caption_tokens = int(cfg["model_max_length"] if caption_tokens is None else caption_tokens)
-    c_cap = int(cfg["caption_channels"])
-    frames, spatial = stdit2_tokens(latent_shape, patch)
-    n = frames * spatial
-    patch_vol = patch[0] * patch[1] * patch[2]
-    freq = 256  # sinusoid width of the timestep and size embedders
-    embed_mlp = 2 * (freq * d + d * d)  # one TimestepEmbedder-sized MLP on one scalar
-    d3 = d // 3
-    conditioning = (embed_mlp * 2  # timestep (and fps) embedder
-                    + 2 * 2 * (freq * d3 + d3 * d3) + 2 * (freq * d3 + d3 * d3)  # hw, ar
-                    + embed_mlp  # number of frames
-                    + 2 * d * 6 * d + 2 * d * 3 * d  # t_block, t_block_temp
-                    + 2 * caption_tokens * (c_cap * d + d * d))  # caption projection
-    parts = {
-        "patch_embed": 2 * n * c_in * patch_vol * d,
-        "conditioning": conditioning,
-        "spatial_attn.linear": depth * 2 * n * (3 * d * d + d * d),
-        "spatial_attn.core": depth * 4 * frames * spatial * spatial * d,
-        "temporal_attn.linear": depth * 2 * n * (3 * d * d + d * d),
-        "temporal_attn.core": depth * 4 * spatial * frames * frames * d,
-        "cross_attn.linear": depth * (2 * n * 2 * d * d + 2 * caption_tokens * 2 * d * d),
-        "cross_attn.core": depth * 4 * n * caption_tokens * d,
-        "mlp": depth * 4 * n * d * mlp,
-        "final_layer": 2 * n * d * patch_vol * c_out,
-    }
-    return {name: batch * flops for name, flops in parts.items()}
-
-
-BLOCK_PARTS = ("spatial_attn", "temporal_attn", "cross_attn", "mlp")
-
-
-def stdit2_train_flops(model: Any, latent_shape: Sequence[int], batch: int = 1,
-                       recompute: bool = False, caption_tokens: int | None = None
-                       ) -> dict[str, int]:
-    """Forward + backward FLOPs by part: the backward costs about twice the forward (gradients
-    of inputs and of weights); recompute runs the blocks' forward once more."""
-    forward = stdit2_flops(model, latent_shape, batch, caption_tokens)
-    passes = {name: 3 + (1 if recompute and name.startswith(BLOCK_PARTS) else 0)
-              for name in forward}
-    return {name: flops * passes[name] for name, flops in forward.items()}
-
-
 # ---------------------------------------------------------------------------------------------
 # MindSpore profiler
 
 
 def _profiler_activities() -> list[Any]:
-    from mindspore.profiler import ProfilerActivity
-
     target = ms.get_context("device_target")
     extra = {"Ascend": [ProfilerActivity.NPU], "GPU": [ProfilerActivity.GPU]}.get(target, [])
     return [ProfilerActivity.CPU, *extra]
@@ -600,27 +515,25 @@ def read_operator_table(profile_dir: str | os.PathLike) -> list[dict[str, Any]]:
 def profile_operators(fn: Callable[..., Any], *args: Any, steps: int = 1, warmup: int = 1,
                       top: int | None = 10, output_dir: str | os.PathLike | None = None,
                       **kwargs: Any) -> list[dict[str, Any]]:
-    """Run `fn(*args, **kwargs)` `warmup` times unprofiled, then `steps` times under
-    `mindspore.profiler.profile`; return the `top` operator types by total time.
+    """Run `fn(*args, **kwargs)` `warmup` + `steps` times under `mindspore.profiler.profile`,
+    recording only the last `steps` (the profiler's own warmup phase covers compilation and
+    first-call costs); return the `top` operator types by total time.
 
     The raw profile is kept in `output_dir` when given (for MindStudio Insight / the trace view
     `trace_view.json`), else written to a temporary folder that is removed afterwards.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    from mindspore.profiler import profile, schedule, tensorboard_trace_handler
-
-    for _ in range(warmup):
-        fn(*args, **kwargs)
-        synchronize()
+    if steps < 1 or warmup < 1:
+        raise ValueError(f"steps and warmup must be >= 1 (a profile without warmup times "
+                         f"compilation and first-call costs), got steps={steps}, warmup={warmup}")
     keep = output_dir is not None
     folder = Path(output_dir) if keep else Path(tempfile.mkdtemp(prefix="ms_profile_"))
     folder.mkdir(parents=True, exist_ok=True)
     try:
         with profile(activities=_profiler_activities(),
-                     schedule=schedule(wait=0, warmup=0, active=steps, repeat=1, skip_first=0),
+                     schedule=schedule(wait=0, warmup=warmup, active=steps, repeat=1,
+                                       skip_first=0),
                      on_trace_ready=tensorboard_trace_handler(str(folder))) as prof:
-            for _ in range(steps):
+            for _ in range(warmup + steps):
                 fn(*args, **kwargs)
                 synchronize()
                 prof.step()

@@ -16,6 +16,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from opensora.checkpoint import CheckpointError
+from opensora.pipeline import Latents, TextEmbeddings, TextToVideoPipeline
+from opensora.runtime import configure
+
 STAGES = ("all", "text", "latents", "decode")
 
 
@@ -58,9 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from opensora.checkpoint import CheckpointError
-    from opensora.pipeline import Latents, TextEmbeddings, TextToVideoPipeline
-
+    configure()
     out = Path(args.output_dir)
     try:
         pipeline = TextToVideoPipeline.from_preset(

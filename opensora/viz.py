@@ -11,9 +11,15 @@ import io
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.patches import FancyArrowPatch, Rectangle
+from PIL import Image
+
+from opensora.checkpoint import atomic_write
+from opensora.data.video import to_uint8_frames, write_video
 
 
 def _as_uint8_frames(video: np.ndarray) -> np.ndarray:
@@ -21,7 +27,6 @@ def _as_uint8_frames(video: np.ndarray) -> np.ndarray:
     video = np.asarray(video)
     if video.dtype == np.uint8:
         return video
-    from opensora.data.video import to_uint8_frames
 
     return to_uint8_frames(video)
 
@@ -85,8 +90,6 @@ def _wrap(text: str, width: int) -> str:
 
 def video_bytes(video: np.ndarray, fps: float = 8, fmt: str = "mp4") -> bytes:
     """Encode frames to mp4 or gif bytes (through the package's writer)."""
-    from opensora.data.video import write_video
-
     with tempfile.TemporaryDirectory() as tmp:
         path = write_video(Path(tmp) / f"clip.{fmt}", _as_uint8_frames(video), fps)
         return path.read_bytes()
@@ -124,22 +127,11 @@ def videos_html(videos: Sequence[np.ndarray], captions: Sequence[str] | None = N
 def frame_scrubber(video: np.ndarray, description: str = "frame"):
     """A slider that shows one frame at a time; a static first frame is drawn too, so the figure
     exists when the notebook runs headless or in the static book."""
-    import ipywidgets as widgets
-
     frames = _as_uint8_frames(video)
-    slider = widgets.IntSlider(value=0, min=0, max=len(frames) - 1, description=description)
-    image = widgets.Image(value=_png(frames[0]), format="png", width=192)
-
-    def update(change: dict) -> None:
-        image.value = _png(frames[change["new"]])
-
-    slider.observe(update, names="value")
-    return widgets.VBox([slider, image])
+    return image_slider(frames, list(range(len(frames))), description)
 
 
 def _png(frame: np.ndarray) -> bytes:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(frame).resize((frame.shape[1] * 3, frame.shape[0] * 3),
                                   Image.NEAREST).save(buffer, format="PNG")
@@ -148,10 +140,67 @@ def _png(frame: np.ndarray) -> bytes:
 
 def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
     """Save a figure atomically (a job's outputs are never half written)."""
-    from opensora.checkpoint import atomic_write
-
     path = Path(path)
     with atomic_write(path) as handle:
         fig.savefig(handle, dpi=dpi, format=path.suffix.lstrip(".") or "png",
                     bbox_inches="tight")
     return path
+
+
+def image_slider(frames: np.ndarray, labels: Sequence[Any], description: str = "frame"):
+    """A slider over `labels` that shows the matching frame of `frames` ((N, H, W, 3) uint8 or
+    (N, H, W, 3) floats in [-1, 1]); headless, the first frame is what the page shows."""
+    import ipywidgets as widgets  # notebooks only
+
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8:
+        frames = ((np.clip(frames, -1.0, 1.0) + 1.0) * 127.5).round().astype(np.uint8)
+    labels = list(labels)
+    if len(labels) != len(frames):
+        raise ValueError(f"{len(labels)} labels for {len(frames)} frames")
+    slider = widgets.SelectionSlider(options=labels, value=labels[0], description=description)
+    image = widgets.Image(value=_png(frames[0]), format="png", width=192)
+
+    def update(change: dict) -> None:
+        image.value = _png(frames[labels.index(change["new"])])
+
+    slider.observe(update, names="value")
+    return widgets.VBox([slider, image])
+
+
+def draw_data_parallel(ax: Any, title: str, state_sharded: bool, workers: int = 2) -> None:
+    """Boxes of what each data-parallel worker holds (weights, its batch slice, averaged
+    gradients, AdamW state whole or sharded) and the collectives between them."""
+    width = 10 / workers
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, 6.5)
+    ax.axis("off")
+    ax.set_title(title)
+
+    def box(x: float, y: float, w: float, colour: str, alpha: float, text: str) -> None:
+        ax.add_patch(Rectangle((x, y), w, 0.9, color=colour, alpha=alpha))
+        ax.text(x + w / 2, y + 0.45, text, ha="center", va="center", fontsize=8)
+
+    for rank in range(workers):
+        x0, inner = 0.5 + width * rank, width - 1.0
+        ax.add_patch(Rectangle((x0, 0.5), inner, 5.2, fill=False, lw=1.5))
+        ax.text(x0 + inner / 2, 5.95, f"worker {rank}", ha="center")
+        box(x0 + 0.3, 4.3, inner - 0.6, "C2", 0.5, "weights (full copy)")
+        box(x0 + 0.3, 3.1, inner - 0.6, f"C{rank % 2}", 0.5,
+            f"batch slice {rank}: clips {rank}, {rank + workers}, ...")
+        box(x0 + 0.3, 1.9, inner - 0.6, "C4", 0.4, "gradients (full, averaged)")
+        if state_sharded:
+            share = (inner - 0.6) / workers
+            ax.add_patch(Rectangle((x0 + 0.3 + share * rank, 0.7), share, 0.9, color="C3",
+                                   alpha=0.6))
+            ax.text(x0 + inner / 2, 1.15, f"AdamW state, part {rank}", ha="center",
+                    va="center", fontsize=8)
+        else:
+            box(x0 + 0.3, 0.7, inner - 0.6, "C3", 0.6, "AdamW state (full)")
+    for rank in range(workers - 1):
+        gap = width * (rank + 1)  # the middle of the space between two workers
+        arrows = [(2.35, "AllReduce")] + ([(4.75, "broadcast owned")] if state_sharded else [])
+        for y, text in arrows:
+            ax.add_patch(FancyArrowPatch((gap - 0.7, y), (gap + 0.7, y), arrowstyle="<->",
+                                         mutation_scale=15))
+            ax.text(gap, y + 0.35, text, ha="center", fontsize=8)

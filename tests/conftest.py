@@ -19,9 +19,11 @@ from opensora.jobs import JobError, JobResult, run_notebook, toc_notebooks
 from opensora.models.text_encoder import T5Encoder
 from opensora.models.vae import VideoAutoencoderKL
 from opensora.presets import DATA_SAMPLES, get_preset
+from opensora.runtime import configure
 from opensora.train import caption_embeddings, micro_condition_arrays
 
 ROOT = Path(__file__).resolve().parent.parent
+configure()  # as the CLIs and notebooks do: the suite tests the runtime users get
 BOOK_SOURCES = ("book", "notebooks", "_config.yml", "_toc.yml")
 
 
@@ -48,7 +50,11 @@ def executed_book(tmp_path_factory: pytest.TempPathFactory) -> ExecutedBook:
         else:
             shutil.copy2(source, root / name)
     config = yaml.safe_load((root / "_config.yml").read_text())
-    config["execute"]["execute_notebooks"] = "auto"  # run only what has no outputs (book/jobs.md)
+    # the chapters run below as papermill jobs; the build executes only the prose pages with
+    # code cells (book/jobs.md), never a chapter again
+    config["execute"]["execute_notebooks"] = "auto"
+    config["execute"]["exclude_patterns"] = [
+        str(nb.relative_to(ROOT)) for nb in toc_notebooks(ROOT)]
     (root / "_config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
     book = ExecutedBook(root)
     for notebook in toc_notebooks(root):

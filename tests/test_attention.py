@@ -6,6 +6,7 @@ from __future__ import annotations
 import mindspore as ms
 import numpy as np
 import pytest
+from numerics import EPS32
 
 from opensora.models.attention import attention, resolve_backend
 
@@ -27,6 +28,15 @@ def _numpy_attention(q, k, v, mask=None):
     return (probs / probs.sum(-1, keepdims=True)) @ v
 
 
+def _atol(q: np.ndarray, k: np.ndarray, v: np.ndarray, rounding_steps: float = 8) -> float:
+    """Softmax over logits of magnitude L: exp turns a logit's float32 rounding (a few L * eps)
+    into that relative error of the weights, so outputs (averages of v) differ by a few
+    L * eps * max|v| (L at least 1: the rounding of the weights' normalisation itself)."""
+    logits = np.abs(q.astype(np.float64) @ k.astype(np.float64).swapaxes(-1, -2)).max()
+    magnitude = max(float(logits) / np.sqrt(q.shape[-1]), 1.0)
+    return rounding_steps * EPS32 * magnitude * float(np.abs(v).max())
+
+
 def _run(backend, q, k, v, mask=None, block_size=8, key_block_size=None):
     """Key blocks default to the query block size, so the online softmax across key blocks runs
     (the backend's own default, 4096 keys, would make these small cases one key block)."""
@@ -40,10 +50,10 @@ def _run(backend, q, k, v, mask=None, block_size=8, key_block_size=None):
                          [(1, 1), (8, 8), (13, 5), (64, 64), (8, 4096)])
 def test_chunked_equals_math_without_mask(block_size: int, key_block_size: int) -> None:
     q, k, v = _qkv()
-    math_out = _run("math", q, k, v)
-    np.testing.assert_allclose(math_out, _numpy_attention(q, k, v), atol=1e-5)
+    math_out, atol = _run("math", q, k, v), _atol(q, k, v)
+    np.testing.assert_allclose(math_out, _numpy_attention(q, k, v), rtol=0, atol=atol)
     np.testing.assert_allclose(_run("chunked", q, k, v, block_size=block_size,
-                                    key_block_size=key_block_size), math_out, atol=1e-5)
+                                    key_block_size=key_block_size), math_out, rtol=0, atol=atol)
 
 
 def test_chunked_equals_math_with_caption_key_mask() -> None:
@@ -51,23 +61,25 @@ def test_chunked_equals_math_with_caption_key_mask() -> None:
     q, k, v = _qkv(n_k=16)
     lengths = np.array([5, 16])
     mask = (np.arange(16)[None] < lengths[:, None])[:, None, None, :]
-    math_out = _run("math", q, k, v, mask)
-    np.testing.assert_allclose(math_out, _numpy_attention(q, k, v, mask), atol=1e-5)
-    np.testing.assert_allclose(_run("chunked", q, k, v, mask, block_size=3), math_out, atol=1e-5)
+    math_out, atol = _run("math", q, k, v, mask), _atol(q, k, v)
+    np.testing.assert_allclose(math_out, _numpy_attention(q, k, v, mask), rtol=0, atol=atol)
+    np.testing.assert_allclose(_run("chunked", q, k, v, mask, block_size=3), math_out, rtol=0,
+                               atol=atol)
     # masked keys really are ignored: the first sample equals attention over its 5 tokens
     trimmed = _numpy_attention(q[:1], k[:1, :, :5], v[:1, :, :5])
-    np.testing.assert_allclose(math_out[:1], trimmed, atol=1e-5)
+    np.testing.assert_allclose(math_out[:1], trimmed, rtol=0, atol=atol)
 
 
 def test_chunked_equals_math_with_full_mask() -> None:
     q, k, v = _qkv(n_q=20, n_k=20)
     mask = RNG.random((2, 3, 20, 20)) > 0.4
     mask[..., 0] = True  # every query keeps one key
-    math_out = _run("math", q, k, v, mask)
-    np.testing.assert_allclose(math_out, _numpy_attention(q, k, v, mask), atol=1e-5)
-    np.testing.assert_allclose(_run("chunked", q, k, v, mask, block_size=6), math_out, atol=1e-5)
+    math_out, atol = _run("math", q, k, v, mask), _atol(q, k, v)
+    np.testing.assert_allclose(math_out, _numpy_attention(q, k, v, mask), rtol=0, atol=atol)
+    np.testing.assert_allclose(_run("chunked", q, k, v, mask, block_size=6), math_out, rtol=0,
+                               atol=atol)
     np.testing.assert_allclose(_run("chunked", q, k, v, mask, block_size=6, key_block_size=64),
-                               math_out, atol=1e-5)
+                               math_out, rtol=0, atol=atol)
 
 
 def test_chunked_is_stable_for_large_logits() -> None:
@@ -75,18 +87,21 @@ def test_chunked_is_stable_for_large_logits() -> None:
     q *= 30.0  # logits in the thousands: a naive exp would overflow
     out = _run("chunked", q, k, v, block_size=7)
     assert np.isfinite(out).all()
-    np.testing.assert_allclose(out, _run("math", q, k, v), atol=1e-5)
+    # the tolerance grows with the logits (L * eps relative in the weights), not a fixed 1e-5
+    np.testing.assert_allclose(out, _run("math", q, k, v), rtol=0, atol=_atol(q, k, v))
 
 
 def test_chunked_under_jit_matches_pynative() -> None:
-    q, k, v = (ms.Tensor(a) for a in _qkv())
+    arrays = _qkv()
+    q, k, v = (ms.Tensor(a) for a in arrays)
 
     @ms.jit
     def chunked(q, k, v):
         return attention(q, k, v, None, backend="chunked", block_size=10, key_block_size=10)
 
     np.testing.assert_allclose(chunked(q, k, v).asnumpy(),
-                               attention(q, k, v, None, "chunked", 10, 10).asnumpy(), atol=1e-6)
+                               attention(q, k, v, None, "chunked", 10, 10).asnumpy(), rtol=0,
+                               atol=_atol(*arrays))
 
 
 def test_backend_names() -> None:

@@ -16,6 +16,7 @@ from opensora.data.dataset import (
     aspect_ratio_table,
     create_dataloader,
     get_closest_ratio,
+    subset_csv,
 )
 
 SAMPLES = Path(__file__).resolve().parent.parent / "data_samples"
@@ -217,8 +218,6 @@ def test_stills_and_clips_train_together_in_image_and_video_buckets(tmp_path: Pa
 
 
 def test_subset_csv_keeps_paths_valid(video_csv: Path, tmp_path: Path) -> None:
-    from opensora.data.dataset import subset_csv
-
     copy = subset_csv(video_csv, tmp_path / "elsewhere" / "few.csv", 2)
     data = VideoCaptionDataset(copy, num_frames=4, image_size=(32, 32), batch_size=2)
     assert len(data) == 2 and not data.skipped

@@ -11,6 +11,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import Tensor, nn, ops
+from numerics import EPS32, assert_f32_close
 
 from opensora.schedulers.iddpm import (
     IDDPM,
@@ -96,7 +97,7 @@ def test_q_sample_matches_open_sora(tag, steps):
     ref = np.load(REFERENCE / "iddpm_q_sample.npz")
     out = IDDPM(num_sampling_steps=steps).q_sample(
         Tensor(ref["x_start"]), Tensor(ref[f"t_{tag}"].astype(np.int32)), Tensor(ref["noise"]))
-    np.testing.assert_allclose(out.asnumpy(), ref[f"q_sample_{tag}"], rtol=1e-5, atol=1e-6)
+    assert_f32_close(out.asnumpy(), ref[f"q_sample_{tag}"], 8)  # two products and a sum
 
 
 def test_q_sample_statistics():
@@ -126,9 +127,11 @@ def test_training_losses_match_open_sora(losses_ref, tag, steps, masked):
         constant_model(ref["model_output"]), Tensor(ref["x_start"]),
         Tensor(ref[f"{tag}.t"].astype(np.int32)), noise=Tensor(ref["noise"]), mask=mask)
     prefix = f"{tag}.masked" if masked else tag
+    # the VLB's KL cancels log variances (up to ~10 in size) before its means over the elements
+    log_variance = float(np.abs(ref[f"{tag}.p_log_variance"]).max())
     for key in ("loss", "mse", "vb"):
-        np.testing.assert_allclose(out[key].asnumpy(), ref[f"{prefix}.{key}"], rtol=1e-5,
-                                   atol=1e-5, err_msg=key)
+        assert_f32_close(out[key].asnumpy(), ref[f"{prefix}.{key}"], 64, scale=log_variance,
+                         err_msg=key)
 
 
 @pytest.mark.parametrize("tag,steps", CASES)
@@ -139,14 +142,14 @@ def test_reverse_step_matches_open_sora(losses_ref, tag, steps):
     x_t = diffusion.q_sample(Tensor(ref["x_start"]), t, Tensor(ref["noise"]))
     model = constant_model(ref["model_output"])
     out = diffusion.p_mean_variance(model, x_t, t, clip_denoised=False)
+    # pred_xstart divides by sqrt(alpha_bar) >= 0.0066: its rounding is that of its own (large)
+    # magnitude, so every key compares at its magnitude
     for key, name in (("mean", "p_mean"), ("log_variance", "p_log_variance"),
                       ("pred_xstart", "pred_xstart")):
-        np.testing.assert_allclose(out[key].asnumpy(), ref[f"{tag}.{name}"], rtol=1e-5,
-                                   atol=1e-5, err_msg=key)
+        assert_f32_close(out[key].asnumpy(), ref[f"{tag}.{name}"], 16, err_msg=key)
     step = diffusion.p_sample(model, x_t, t, Tensor(ref["step_noise"]), clip_denoised=False,
                               mask=Tensor(ref["mask"]))
-    np.testing.assert_allclose(step["sample"].asnumpy(), ref[f"{tag}.p_sample_masked"],
-                               rtol=1e-5, atol=1e-5)
+    assert_f32_close(step["sample"].asnumpy(), ref[f"{tag}.p_sample_masked"], 16)
 
 
 def perfect_output(diffusion: IDDPM, noise: np.ndarray, v: float) -> np.ndarray:
@@ -163,7 +166,9 @@ def test_vlb_of_a_perfect_model_is_zero():
     perfect = diffusion.training_losses(constant_model(perfect_output(diffusion, noise, -1.0)),
                                         Tensor(x0), t, noise=Tensor(noise))
     np.testing.assert_allclose(perfect["mse"].asnumpy(), 0.0, atol=1e-12)
-    np.testing.assert_allclose(perfect["vb"].asnumpy(), 0.0, atol=1e-5)
+    # the KL of equal Gaussians: terms of the size of the log variances cancel to float32 rounding
+    log_variance = float(np.abs(diffusion.posterior_log_variance_clipped[t.asnumpy()]).max())
+    assert_f32_close(perfect["vb"].asnumpy(), 0.0, 16, scale=log_variance)
     # the widest variance (beta_t) costs a KL that shrinks as beta_t approaches the posterior
     # variance at large t
     wide = diffusion.training_losses(constant_model(perfect_output(diffusion, noise, 1.0)),
@@ -173,32 +178,8 @@ def test_vlb_of_a_perfect_model_is_zero():
     m1, m2 = Tensor(rng.standard_normal(50).astype(np.float32)), Tensor(np.zeros(50, np.float32))
     lv = Tensor(rng.standard_normal(50).astype(np.float32))
     assert (normal_kl(m1, lv, m2, lv * 0.5).asnumpy() >= 0).all()
-    np.testing.assert_allclose(normal_kl(m1, lv, m1, lv).asnumpy(), 0.0, atol=1e-7)
-
-
-def test_min_snr_weights_scale_only_the_mse_term():
-    """snr_gamma: mse at step t times min(SNR_t, gamma) / SNR_t; vb untouched; None = Open-Sora."""
-    rng = np.random.default_rng(4)
-    x0 = rng.uniform(-0.9, 0.9, (4, 3, 2, 4, 4)).astype(np.float32)
-    noise = rng.standard_normal(x0.shape).astype(np.float32)
-    guess = np.concatenate([noise + 0.3, np.zeros_like(noise)], axis=1)
-    t = Tensor(np.array([0, 50, 300, 999], dtype=np.int32))
-    plain, weighted = IDDPM(), IDDPM(snr_gamma=5.0)
-    np.testing.assert_array_equal(plain.mse_weights(), 1.0)
-    weights = weighted.mse_weights()
-    snr = plain.schedule.alphas_cumprod / (1.0 - plain.schedule.alphas_cumprod)
-    np.testing.assert_allclose(weights, np.minimum(snr, 5.0) / snr, rtol=1e-12)
-    assert weights[0] < 1e-3 and weights[-1] == 1.0 and (np.diff(weights) >= 0).all()
-    args = (constant_model(guess), Tensor(x0), t)
-    a = plain.training_losses(*args, noise=Tensor(noise))
-    b = weighted.training_losses(*args, noise=Tensor(noise))
-    picked = weights[[0, 50, 300, 999]]
-    np.testing.assert_allclose(b["mse"].asnumpy(), a["mse"].asnumpy() * picked, rtol=1e-5)
-    np.testing.assert_allclose(b["vb"].asnumpy(), a["vb"].asnumpy(), rtol=1e-6)
-    x0_weights = IDDPM(snr_gamma=5.0, predict_xstart=True).mse_weights()
-    np.testing.assert_allclose(x0_weights, np.minimum(snr, 5.0), rtol=1e-12)
-    with pytest.raises(ValueError, match="snr_gamma"):
-        IDDPM(snr_gamma=0)
+    assert_f32_close(normal_kl(m1, lv, m1, lv).asnumpy(), 0.0, 8,
+                     scale=1.0 + float(np.abs(lv.asnumpy()).max()))  # -1 + lv - lv + exp(0)
 
 
 def test_decoder_nll_at_t0_is_the_mass_of_the_8bit_bin():
@@ -232,8 +213,7 @@ def test_vb_gradient_reaches_only_the_variance():
 
     grad = ms.grad(total)(Tensor(output_np)).asnumpy()
     per_sample = noise_np[0].size
-    np.testing.assert_allclose(grad[:, :2], 2.0 * (output_np[:, :2] - noise_np) / per_sample,
-                               rtol=1e-5, atol=1e-7)
+    assert_f32_close(grad[:, :2], 2.0 * (output_np[:, :2] - noise_np) / per_sample, 8)
     assert np.abs(grad[:, 2:]).max() > 0
 
 
@@ -275,8 +255,8 @@ def test_training_losses_graph_mode_equals_pynative():
     loss_py, grads_py = step(x0, t, noise, y, frames)
     loss_graph, grads_graph = ms.jit(step)(x0, t, noise, y, frames)
     np.testing.assert_allclose(loss_graph.asnumpy(), loss_py.asnumpy(), rtol=1e-5)
-    np.testing.assert_allclose(grads_graph[0].asnumpy(), grads_py[0].asnumpy(), rtol=1e-4,
-                               atol=1e-6)
+    # the weight's gradient sums over 2 x 32 positions: another order when compiled
+    assert_f32_close(grads_graph[0].asnumpy(), grads_py[0].asnumpy(), 64)
     assert np.abs(grads_py[0].asnumpy()).max() > 0
 
 
@@ -308,7 +288,10 @@ def test_sampling_with_an_oracle_recovers_the_data(sampler):
     diffusion = IDDPM(num_sampling_steps=10)
     out = diffusion.p_sample_loop(oracle_model(x0), x0.shape, clip_denoised=False, generator=0,
                                   sampler=sampler)
-    np.testing.assert_allclose(out.asnumpy(), x0, atol=1e-3)
+    # each step's x0 estimate divides float32 differences of terms of size |x_t| (< 5) by
+    # sqrt(alpha_bar), down to sqrt(alpha_bar_999) = 0.0066: x0's rounding is amplified ~150x
+    amplified = 5.0 / float(np.sqrt(diffusion.alphas_cumprod.min()))
+    np.testing.assert_allclose(out.asnumpy(), x0, rtol=0, atol=16 * EPS32 * amplified)
 
 
 def test_sampling_is_reproducible_from_a_seed():

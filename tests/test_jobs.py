@@ -67,3 +67,27 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert jobs.main([str(bad), "-o", str(tmp_path / "b")]) == 1
     assert "ZeroDivisionError" in capsys.readouterr().err
     assert jobs.main([str(tmp_path / "none.ipynb")]) == 1
+
+
+def test_default_output_goes_to_the_book_roots_runs(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "_toc.yml").write_text("root: intro\n")
+    (tmp_path / "notebooks").mkdir()
+    path = _notebook(tmp_path / "notebooks" / "nb.ipynb",
+                     WRITE + "\nimport os\nprint('cwd', os.getcwd())")
+    monkeypatch.chdir(tmp_path / "notebooks")
+    result = jobs.run_notebook(path)
+    assert result.output_dir == tmp_path.resolve() / "runs" / "nb"
+    assert (result.output_dir / "result.txt").read_text() == "hihi"
+    assert sorted(p.name for p in (tmp_path / "notebooks").iterdir()) == ["nb.ipynb"]
+    cells = json.loads(result.notebook.read_text())["cells"]
+    printed = "".join("".join(o.get("text", "")) for c in cells for o in c.get("outputs", []))
+    assert f"cwd {tmp_path.resolve()}" in printed  # the kernel starts in the book's root
+
+
+def test_output_dir_holding_the_notebook_is_refused(tmp_path: Path) -> None:
+    path = _notebook(tmp_path / "nb.ipynb", "1/0")
+    before = path.read_text()
+    with pytest.raises(jobs.JobError, match="would overwrite its source"):
+        jobs.run_notebook(path, output_dir=tmp_path)
+    assert path.read_text() == before

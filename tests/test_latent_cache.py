@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import mindspore as ms
-import numpy as np
 import pytest
+from numerics import assert_f32_close
 
 from opensora.data.cache_files import load_latent_npz
 from opensora.data.latent_cache import cache_latents, main, resolution_folder
@@ -57,8 +57,9 @@ def test_cache_holds_unscaled_moments_of_every_frame(clips: Path, vae) -> None:
     assert list(cache["ori_size"]) == [64, 64]
     assert float(cache["fps"]) > 0
     mean, std = vae.encode_moments(ms.Tensor(video[None]))
-    np.testing.assert_allclose(cache["latent_mean"], mean.asnumpy()[0], atol=1e-5)
-    np.testing.assert_allclose(cache["latent_std"], std.asnumpy()[0], atol=1e-5)
+    # the same encoder, maybe on other batches of frames: only the kernels' blocking differs
+    assert_f32_close(cache["latent_mean"], mean.asnumpy()[0], 64)
+    assert_f32_close(cache["latent_std"], std.asnumpy()[0], 64)
 
 
 def test_resumes_and_reports_bad_videos_without_stopping(clips: Path, vae) -> None:

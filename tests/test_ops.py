@@ -7,6 +7,7 @@ import math
 import mindspore as ms
 import numpy as np
 import pytest
+from numerics import assert_f32_close
 
 from opensora.models.ops import expand_to, gelu_tanh
 
@@ -16,7 +17,8 @@ RNG = np.random.default_rng(0)
 def test_gelu_tanh_matches_the_tanh_formula() -> None:
     x = np.linspace(-6, 6, 101).astype(np.float32)
     expected = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
-    np.testing.assert_allclose(gelu_tanh(ms.Tensor(x)).asnumpy(), expected, atol=1e-6)
+    # a handful of float32 ops, and MindSpore's CPU sigmoid is not correctly rounded (~10 eps)
+    assert_f32_close(gelu_tanh(ms.Tensor(x)).asnumpy(), expected, 16)
 
 
 @pytest.mark.parametrize("small_shape,shape", [((1, 1, 5), (2, 3, 5)), ((3, 1), (2, 3, 4)),

@@ -16,6 +16,8 @@ import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import nn
+from numerics import assert_f32_close
+from parallel_demo import TinyMLP, train_demo
 
 from opensora.parallel import (
     ParallelInfo,
@@ -31,11 +33,11 @@ from opensora.parallel import (
     shard_plan,
 )
 from opensora.parallel import context as parallel_context
-from opensora.parallel.demo import TinyMLP, train_demo
 from opensora.parallel.launch import LaunchError, _last_error, launch
 from opensora.parallel.launch import main as launch_main
 
 ROOT = Path(__file__).resolve().parent.parent
+DEMO = str(ROOT / "tests" / "parallel_demo.py")  # a worker script, only the tests use it
 
 
 # ---------------------------------------------------------------- sharding
@@ -207,7 +209,7 @@ STEPS, GLOBAL_BATCH = 4, 8
 def two_worker_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
     out = tmp_path_factory.mktemp("dp") / "two.npz"
     lines: list[str] = []
-    launch(["-m", "opensora.parallel.demo", "--steps", str(STEPS), "--global-batch",
+    launch([DEMO, "--steps", str(STEPS), "--global-batch",
             str(GLOBAL_BATCH), "--variants", "plain,sharded", "--out", str(out)],
            workers=2, timeout=60, emit=lines.append)
     assert any(ln.startswith("[rank 1] [sharded]") for ln in lines), lines
@@ -220,16 +222,17 @@ def test_two_workers_equal_one_process_with_the_global_batch(
         two_worker_run: dict[str, np.ndarray], variant: str) -> None:
     single = train_demo(ParallelInfo(), STEPS, GLOBAL_BATCH)
     assert int(two_worker_run["world_size"]) == 2
+    # gradients summed in another order, then 4 Adam steps, which divide by sqrt(v): ~1e3
+    # float32 roundings of each tensor's magnitude
     for name, value in single.params.items():
-        np.testing.assert_allclose(two_worker_run[f"{variant}/param/{name}"], value,
-                                   rtol=1e-4, atol=2e-5, err_msg=f"{variant} {name}")
+        assert_f32_close(two_worker_run[f"{variant}/param/{name}"], value, 1024,
+                         err_msg=f"{variant} {name}")
     np.testing.assert_allclose(two_worker_run[f"{variant}/losses"], single.losses, rtol=1e-5)
     # gathered from both ranks if sharded; the all-reduce sums half-batch gradients in another
     # order, so an element that nearly cancels differs by float32 rounding of the largest terms
     for name, value in single.optimizer_state.items():
-        np.testing.assert_allclose(two_worker_run[f"{variant}/state/{name}"].reshape(-1),
-                                   value.reshape(-1), rtol=1e-4,
-                                   atol=1e-4 * float(np.abs(value).max()), err_msg=name)
+        assert_f32_close(two_worker_run[f"{variant}/state/{name}"].reshape(-1), value.reshape(-1),
+                         1024, err_msg=name)
     # the parameters did move: equality is not that of two untouched copies
     start = TinyMLP().trainable_params()
     assert not np.allclose(single.params["fc1.weight"], start[0].asnumpy())
@@ -247,7 +250,7 @@ def test_optimizer_parallel_splits_the_state(two_worker_run: dict[str, np.ndarra
 def test_launcher_names_the_rank_that_raised(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "opensora.parallel.launch", "--workers", "2", "--timeout", "60",
-         "--log-dir", str(tmp_path), "--", "-m", "opensora.parallel.demo", "--steps", "2",
+         "--log-dir", str(tmp_path), "--", DEMO, "--steps", "2",
          "--fail-on-rank", "1", "--out", str(tmp_path / "never.npz")],
         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -259,9 +262,9 @@ def test_launcher_names_the_rank_that_raised(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_launcher_times_out_a_hung_job_and_names_the_ranks(tmp_path: Path) -> None:
-    with pytest.raises(LaunchError, match=r"timed out after 40 s; rank\(s\) \[") as info:
-        launch(["-m", "opensora.parallel.demo", "--steps", "2", "--hang-on-rank", "1",
-                "--out", str(tmp_path / "never.npz")], workers=2, timeout=40,
+    with pytest.raises(LaunchError, match=r"timed out after 3 s; rank\(s\) \[") as info:
+        launch([DEMO, "--steps", "2", "--hang-on-rank", "1",
+                "--out", str(tmp_path / "never.npz")], workers=2, timeout=3,
                log_dir=tmp_path, emit=lambda line: None)
     assert info.value.returncode == 124
     assert 1 in info.value.ranks

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from numerics import assert_f32_close
 
 from opensora.checkpoint import CheckpointError, save_state_dict
 from opensora.data.video import video_info
@@ -47,7 +48,9 @@ def test_shapes_and_files(pipeline: TextToVideoPipeline, tmp_path: Path) -> None
 def test_seeds_reproduce_and_do_not_depend_on_the_batch(pipeline: TextToVideoPipeline) -> None:
     both = pipeline.sample_latents(pipeline.encode_prompts(PROMPTS), seeds=[1, 2]).latents
     alone = pipeline.sample_latents(pipeline.encode_prompts(PROMPTS[1:]), seeds=[2]).latents
-    np.testing.assert_allclose(both[1], alone[0], atol=1e-5)
+    # 3 guided steps of the tiny STDiT2 on batches of 2 and 1 (latents grow to a few hundred):
+    # the matmul kernels may block another batch differently, ~1e3 roundings of the magnitude
+    assert_f32_close(both[1], alone[0], 1024)
     other = pipeline.sample_latents(pipeline.encode_prompts(PROMPTS[1:]), seeds=[3]).latents
     assert np.abs(other - alone).max() > 1e-2
 
@@ -72,7 +75,7 @@ def test_conditioned_frames_are_kept(pipeline: TextToVideoPipeline) -> None:
     x_cond = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     x_mask = np.array([[False, True, True, True]])
     out = pipeline.sample_latents(embeddings, [0], x_cond=x_cond, x_mask=x_mask).latents
-    np.testing.assert_allclose(out[:, :, 0], x_cond[:, :, 0], atol=1e-6)
+    assert_f32_close(out[:, :, 0], x_cond[:, :, 0], 4)
 
 
 def test_graph_mode_samples_like_pynative(pipeline: TextToVideoPipeline) -> None:
@@ -80,15 +83,14 @@ def test_graph_mode_samples_like_pynative(pipeline: TextToVideoPipeline) -> None
                                 pipeline.model, pipeline.scheduler, pipeline.num_frames,
                                 pipeline.image_size, pipeline.fps, mode="graph")
     embeddings = pipeline.encode_prompts(PROMPTS[:1])
-    np.testing.assert_allclose(graph.sample_latents(embeddings, [4]).latents,
-                               pipeline.sample_latents(embeddings, [4]).latents,
-                               rtol=1e-4, atol=1e-3)  # float32 op order differs when compiled
+    # float32 op order differs when compiled: ~1e3 roundings over 3 steps of the tiny STDiT2
+    assert_f32_close(graph.sample_latents(embeddings, [4]).latents,
+                     pipeline.sample_latents(embeddings, [4]).latents, 1024)
     x_cond = np.zeros((1, *pipeline.latent_shape()), np.float32)
     x_mask = np.array([[False, True, True, True]])
-    np.testing.assert_allclose(
+    assert_f32_close(
         graph.sample_latents(embeddings, [4], x_cond=x_cond, x_mask=x_mask).latents,
-        pipeline.sample_latents(embeddings, [4], x_cond=x_cond, x_mask=x_mask).latents,
-        rtol=1e-4, atol=1e-3)
+        pipeline.sample_latents(embeddings, [4], x_cond=x_cond, x_mask=x_mask).latents, 1024)
     with pytest.raises(TypeError, match="no argument"):
         graph.denoiser(None, None, None, colour=1)
     with pytest.raises(ValueError, match="mode"):

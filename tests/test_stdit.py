@@ -9,15 +9,18 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 import pytest
+from numerics import assert_f32_close
 
 from opensora.checkpoint import load_checkpoint, read_state_dict
-from opensora.models.stdit import STDiT, count_stdit_parameters
-from opensora.presets import count_model_parameters
+from opensora.models.stdit import STDiT
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 MODEL_DIR = REFERENCE / "stdit_tiny"
 PTH = Path(__file__).parent / "fixtures" / "data" / "stdit_v1_tiny.pth"
-ATOL = 1e-4
+# Parity with PyTorch: a depth-2, width-96 transformer (attention, MLP, adaLN, sin-cos of t up to
+# 999) run by two libraries differs by ~1e3 float32 roundings of each compared output's magnitude
+PARITY_STEPS = 1024
+GRAPH_STEPS = 256  # graph mode against PyNative: the same model, fused and reordered ops
 HOOKED = ("x_embedder", "t_embedder", "t_block", "y_embedder", "blocks.0", "blocks.1",
           "final_layer")
 
@@ -52,16 +55,16 @@ def test_reference_parity_with_intermediates(case) -> None:
             captured[name] = output.asnumpy()
         cell.register_forward_hook(hook)
     out = net(*_inputs(case)).asnumpy()
-    np.testing.assert_allclose(out, case["out"], rtol=0, atol=ATOL)
+    assert_f32_close(out, case["out"], PARITY_STEPS)
     for name in HOOKED:
-        np.testing.assert_allclose(captured[name], case[f"inter.{name}.0"], rtol=0, atol=ATOL,
-                                   err_msg=name)
+        assert_f32_close(captured[name], case[f"inter.{name}.0"], PARITY_STEPS, err_msg=name)
 
 
 def test_position_tables_are_the_saved_buffers(model) -> None:
     saved = read_state_dict(MODEL_DIR)
-    np.testing.assert_allclose(STDiT(**json.loads((MODEL_DIR / "config.json").read_text()))
-                               .pos_embed.asnumpy(), saved["pos_embed"], atol=1e-6)
+    # sin-cos tables computed in float64, stored as float32: one rounding of values <= 1
+    assert_f32_close(STDiT(**json.loads((MODEL_DIR / "config.json").read_text()))
+                     .pos_embed.asnumpy(), saved["pos_embed"], 4)
     assert not model.pos_embed.requires_grad and not model.pos_embed_temporal.requires_grad
     np.testing.assert_allclose(model.pos_embed_temporal.asnumpy(), saved["pos_embed_temporal"])
 
@@ -75,7 +78,7 @@ def test_sizes_other_than_input_size_compute_their_tables(model, case) -> None:
     state = {k: v for k, v in state.items() if not k.startswith("pos_embed")}
     load_checkpoint(other, state, strict=False)
     other.set_train(False)
-    np.testing.assert_allclose(other(*_inputs(case)).asnumpy(), case["out"], atol=ATOL)
+    assert_f32_close(other(*_inputs(case)).asnumpy(), case["out"], PARITY_STEPS)
     x = ms.Tensor(np.random.default_rng(0).standard_normal((2, 4, 3, 10, 14)).astype(np.float32))
     out = model(x, *_inputs(case)[1:]).asnumpy()
     assert out.shape == (2, 8, 3, 10, 14) and np.isfinite(out).all()
@@ -86,10 +89,10 @@ def test_graph_mode_matches_pynative(model, case) -> None:
     graph = ms.jit(model.construct)
     for mask in (None, x_mask):
         eager = model(*_inputs(case), mask).asnumpy()
-        np.testing.assert_allclose(graph(*_inputs(case), mask).asnumpy(), eager, atol=1e-5)
+        assert_f32_close(graph(*_inputs(case), mask).asnumpy(), eager, GRAPH_STEPS)
     changed = model(*_inputs(case), x_mask).asnumpy()
     assert np.abs(changed[0] - case["out"][0]).max() > 1e-3
-    np.testing.assert_allclose(changed[1], case["out"][1], atol=ATOL)
+    assert_f32_close(changed[1], case["out"][1], PARITY_STEPS)
 
 
 def test_loads_published_pth_format() -> None:
@@ -108,9 +111,3 @@ def test_loads_published_pth_format() -> None:
     assert out.shape == (1, 8, 2, 8, 8) and np.isfinite(out).all()
 
 
-def test_parameter_count_formula_and_xl_preset() -> None:
-    config = json.loads((MODEL_DIR / "config.json").read_text())
-    saved = sum(int(np.prod(v.shape)) for v in read_state_dict(MODEL_DIR).values())
-    assert count_stdit_parameters(**config) == saved
-    xl = count_model_parameters("STDiT-XL/2")
-    assert 700e6 < xl < 800e6, xl  # 761.3M with the 16x64x64 position tables

@@ -10,14 +10,19 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 import pytest
+from numerics import EPS32, assert_f32_close
 
 from opensora.checkpoint import CheckpointError, read_state_dict, save_state_dict
-from opensora.models.stdit2 import STDiT2, count_stdit2_parameters
-from opensora.presets import build_model, count_model_parameters, get_preset
+from opensora.models.stdit2 import STDiT2
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 MODEL_DIR = REFERENCE / "stdit2_tiny"
-ATOL = 1e-4
+# Parity with PyTorch: a depth-2, width-96 transformer (attention, MLP, adaLN, sin-cos of t up to
+# 999) run by two libraries differs by ~1e3 float32 roundings of each compared output's magnitude
+PARITY_STEPS = 1024
+# the same model two ways (graph mode against PyNative, a different batch or mask path): fused and
+# reordered float32 ops, ~1e2 roundings
+SAME_MODEL_STEPS = 256
 MICRO = ("num_frames", "height", "width", "ar", "fps")
 HOOKED = ("x_embedder", "t_embedder", "t_block", "t_block_temp", "y_embedder", "csize_embedder",
           "ar_embedder", "fl_embedder", "fps_embedder", "blocks.0", "blocks.1", "final_layer")
@@ -57,10 +62,9 @@ def test_reference_parity_with_intermediates(case) -> None:
         _submodule(net, name).register_forward_hook(hook)
     args, micro = _inputs(case)
     out = net(*args, None, **micro).asnumpy()
-    np.testing.assert_allclose(out, case["out"], rtol=0, atol=ATOL)
+    assert_f32_close(out, case["out"], PARITY_STEPS)
     for name in HOOKED:
-        np.testing.assert_allclose(captured[name], case[f"inter.{name}.0"], rtol=0, atol=ATOL,
-                                   err_msg=name)
+        assert_f32_close(captured[name], case[f"inter.{name}.0"], PARITY_STEPS, err_msg=name)
 
 
 def test_state_dict_keys_are_open_soras(model) -> None:
@@ -73,7 +77,7 @@ def test_chunked_attention_backend_matches_reference(case) -> None:
     net = STDiT2.from_pretrained(MODEL_DIR, attn_backend="chunked", attn_block_size=5)
     net.set_train(False)
     args, micro = _inputs(case)
-    np.testing.assert_allclose(net(*args, None, **micro).asnumpy(), case["out"], atol=ATOL)
+    assert_f32_close(net(*args, None, **micro).asnumpy(), case["out"], PARITY_STEPS)
 
 
 def test_graph_mode_matches_pynative(model, case) -> None:
@@ -82,20 +86,20 @@ def test_graph_mode_matches_pynative(model, case) -> None:
     graph = ms.jit(model.construct)
     for mask in (None, x_mask):
         eager = model(*args, mask, **micro).asnumpy()
-        np.testing.assert_allclose(graph(*args, mask, **micro).asnumpy(), eager, atol=1e-5)
+        assert_f32_close(graph(*args, mask, **micro).asnumpy(), eager, SAME_MODEL_STEPS)
 
 
 def test_x_mask_switches_frames_to_t0(model, case) -> None:
     args, micro = _inputs(case)
     plain = model(*args, None, **micro).asnumpy()
     all_true = ms.Tensor(np.ones((2, 4), bool))
-    np.testing.assert_allclose(model(*args, all_true, **micro).asnumpy(), plain, atol=1e-5)
+    assert_f32_close(model(*args, all_true, **micro).asnumpy(), plain, SAME_MODEL_STEPS)
     # sample 0 at timestep 999 with frame 0 given as a clean condition frame: the t0 branch
     # changes its frames (through temporal attention, all of them), sample 1 keeps all True
     x_mask = ms.Tensor(np.array([[False, True, True, True], [True, True, True, True]]))
     masked = model(*args, x_mask, **micro).asnumpy()
     assert np.abs(masked[0, :, 0] - plain[0, :, 0]).max() > 1e-2
-    np.testing.assert_allclose(masked[1], plain[1], atol=1e-5)
+    assert_f32_close(masked[1], plain[1], SAME_MODEL_STEPS)
 
 
 def _loss_and_grads(recompute: bool, args, x_mask, micro) -> tuple[float, list[np.ndarray]]:
@@ -116,10 +120,10 @@ def test_recompute_gives_the_same_gradients(case) -> None:
     x_mask = ms.Tensor(np.array([[True, False, True, True], [True, True, True, True]]))
     plain_loss, plain_grads = _loss_and_grads(False, args, x_mask, micro)
     loss, grads = _loss_and_grads(True, args, x_mask, micro)
-    assert loss == pytest.approx(plain_loss, abs=1e-6)
+    assert loss == pytest.approx(plain_loss, rel=SAME_MODEL_STEPS * EPS32, abs=0)
     assert len(grads) == len(plain_grads) == 81
-    for recomputed, plain_grad in zip(grads, plain_grads, strict=True):
-        np.testing.assert_allclose(recomputed, plain_grad, atol=1e-6)
+    for recomputed, plain_grad in zip(grads, plain_grads, strict=True):  # each at its magnitude
+        assert_f32_close(recomputed, plain_grad, SAME_MODEL_STEPS)
     assert max(np.abs(g).max() for g in plain_grads) > 0
 
 
@@ -136,32 +140,15 @@ def test_dynamic_input_sizes(model, case, shape) -> None:
     assert np.isfinite(out).all()
 
 
-def test_frame_index_embedding_tells_identical_frames_apart(case, tmp_path) -> None:
-    """With RoPE alone, a clip of identical frames gives identical outputs on every frame
-    (attention averages equal values whatever its weights); `temporal_pos_emb` breaks that
-    symmetry, adds no weights, and survives a save / load through config.json."""
+def test_identical_frames_give_identical_outputs(model, case) -> None:
+    """RoPE is relative: on a clip of identical frames temporal attention averages equal values
+    whatever its weights, so every frame comes out alike (chapter 3 shows why that matters)."""
     args, micro = _inputs(case)
     frame = np.random.default_rng(2).standard_normal((2, 4, 1, 8, 8)).astype(np.float32)
     still = ms.Tensor(np.repeat(frame, 6, axis=2))
     micro = dict(micro, num_frames=ms.Tensor(np.full(2, 6, np.float32)))
-    outputs = {}
-    for flag in (False, True):
-        net = STDiT2.from_pretrained(MODEL_DIR, attn_backend="math", temporal_pos_emb=flag)
-        net.set_train(False)
-        outputs[flag] = net(still, *args[1:], None, **micro).asnumpy()
-    first = np.broadcast_to(outputs[False][:, :, :1], outputs[False].shape)
-    np.testing.assert_allclose(outputs[False], first, atol=1e-5)
-    assert np.abs(outputs[True] - outputs[True][:, :, :1]).max() > 1e-2
-    assert sorted(read_state_dict(MODEL_DIR)) == sorted(n for n, _ in net.parameters_and_names())
-    folder = tmp_path / "with_index"
-    shutil.copytree(MODEL_DIR, folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps(dict(config, **net.config)))
-    again = STDiT2.from_pretrained(folder, attn_backend="math")
-    again.set_train(False)
-    assert again.temporal_pos_emb
-    np.testing.assert_allclose(again(still, *args[1:], None, **micro).asnumpy(), outputs[True],
-                               atol=1e-5)
+    out = model(still, *args[1:], None, **micro).asnumpy()
+    assert_f32_close(out, np.broadcast_to(out[:, :, :1], out.shape), SAME_MODEL_STEPS)
 
 
 def test_caption_mask_batch_is_repeated_for_cfg(model, case) -> None:
@@ -171,7 +158,7 @@ def test_caption_mask_batch_is_repeated_for_cfg(model, case) -> None:
     out = model(args[0], args[1], args[2], one_mask, None, **micro).asnumpy()
     same = model(args[0], args[1], args[2], ms.Tensor(np.tile(case["mask"][:1], (2, 1))), None,
                  **micro).asnumpy()
-    np.testing.assert_allclose(out, same, atol=1e-6)
+    assert_f32_close(out, same, SAME_MODEL_STEPS)
 
 
 def test_bare_weights_file_infers_the_config(tmp_path, case) -> None:
@@ -180,7 +167,7 @@ def test_bare_weights_file_infers_the_config(tmp_path, case) -> None:
     net = STDiT2.from_pretrained(weights, input_sq_size=128, attn_backend="math")
     net.set_train(False)
     args, micro = _inputs(case)
-    np.testing.assert_allclose(net(*args, None, **micro).asnumpy(), case["out"], atol=ATOL)
+    assert_f32_close(net(*args, None, **micro).asnumpy(), case["out"], PARITY_STEPS)
 
 
 def test_strict_loading_reports_mismatches(tmp_path) -> None:
@@ -208,13 +195,3 @@ def test_bad_arguments_are_explained(model, case) -> None:
         STDiT2(hidden_size=96, depth=1, num_heads=4, qk_norm_legacy=False)
 
 
-def test_parameter_count_formula_and_xl_preset() -> None:
-    config = json.loads((MODEL_DIR / "config.json").read_text())
-    built = sum(int(np.prod(p.shape)) for p in read_state_dict(MODEL_DIR).values())
-    assert count_stdit2_parameters(**config) == built
-    tiny = build_model("tiny", attn_backend="math")
-    assert count_model_parameters("tiny") == sum(
-        int(np.prod(p.shape)) for _, p in tiny.parameters_and_names())
-    xl = count_model_parameters("STDiT2-XL/2")
-    assert 700e6 < xl < 800e6, xl  # 768.3M: PixArt-XL blocks + temporal attention
-    assert get_preset("STDiT2-XL/2").model["model_max_length"] == 200

@@ -10,6 +10,7 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 import pytest
+from numerics import assert_f32_close, f32_magnitude
 
 from opensora.checkpoint import CheckpointError, read_state_dict
 from opensora.models.t5 import (
@@ -24,7 +25,10 @@ from opensora.presets import DATA_SAMPLES, get_preset
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 SHARDED = Path(__file__).parent / "fixtures" / "data" / "t5_sharded"
-ATOL = 1e-4
+# Parity with transformers: a 2-3 layer encoder of width 24-32 (relative-position attention,
+# gated-GELU, RMS norms) differs by ~1e2 float32 roundings of the hidden state's magnitude
+PARITY_STEPS = 256
+EPS16 = float(np.finfo(np.float16).eps)
 
 
 def _run(model: T5EncoderModel, case: np.lib.npyio.NpzFile) -> np.ndarray:
@@ -36,10 +40,10 @@ def test_reference_parity_pynative_and_graph() -> None:
     case = np.load(REFERENCE / "t5_case.npz")
     model = T5EncoderModel.from_pretrained(REFERENCE / "t5_tiny")
     expected = case["last_hidden_state"]
-    np.testing.assert_allclose(_run(model, case), expected, rtol=0, atol=ATOL)
+    assert_f32_close(_run(model, case), expected, PARITY_STEPS)
     graph = ms.jit(model.construct)
     out = graph(ms.Tensor(case["input_ids"]), ms.Tensor(case["attention_mask"])).asnumpy()
-    np.testing.assert_allclose(out, expected, rtol=0, atol=ATOL)
+    assert_f32_close(out, expected, PARITY_STEPS)
     # Open-Sora's encode() is the hidden state with a singleton "1" axis inserted
     np.testing.assert_allclose(case["encode.y"], expected[:, None], rtol=0, atol=0)
 
@@ -53,7 +57,7 @@ def test_sharded_folder_parity(layout: str) -> None:
     assert len(set(weight_map.values())) > 1, "fixture should be sharded"
     case = np.load(SHARDED / "case.npz")
     model = T5EncoderModel.from_pretrained(folder)
-    np.testing.assert_allclose(_run(model, case), case["last_hidden_state"], rtol=0, atol=ATOL)
+    assert_f32_close(_run(model, case), case["last_hidden_state"], PARITY_STEPS)
 
 
 def test_parameter_names_are_hugging_face_keys() -> None:
@@ -71,7 +75,7 @@ def test_tied_embedding_alias_and_decoder_keys() -> None:
     model = T5EncoderModel(T5Config.from_json(REFERENCE / "t5_tiny" / "config.json"))
     model.load_state_dict(state)
     case = np.load(REFERENCE / "t5_case.npz")
-    np.testing.assert_allclose(_run(model, case), case["last_hidden_state"], rtol=0, atol=ATOL)
+    assert_f32_close(_run(model, case), case["last_hidden_state"], PARITY_STEPS)
 
 
 def test_mismatched_config_is_reported(tmp_path: Path) -> None:
@@ -128,7 +132,9 @@ def test_float16_close_to_float32() -> None:
     case = np.load(REFERENCE / "t5_case.npz")
     half = T5EncoderModel.from_pretrained(REFERENCE / "t5_tiny", dtype=ms.float16)
     out = _run(half, case).astype(np.float32)
-    np.testing.assert_allclose(out, case["last_hidden_state"], rtol=0, atol=2e-2)
+    expected = case["last_hidden_state"]
+    # float16 activations: a few float16 roundings (eps 2**-10) of the hidden state's magnitude
+    np.testing.assert_allclose(out, expected, rtol=0, atol=8 * EPS16 * f32_magnitude(expected))
 
 
 # ---- tiny preset and the Open-Sora interface -------------------------------------------------
@@ -171,7 +177,8 @@ def test_encode_shapes_mask_and_truncation(tiny_encoder: T5Encoder) -> None:
     assert mask[1].sum() == length  # truncated to model_max_length, eos kept last
     assert ids[1, -1] == tiny_encoder.t5.tokenizer.eos_token_id
     alone = tiny_encoder.encode(short)["y"].asnumpy()
-    np.testing.assert_allclose(alone[0], out["y"].asnumpy()[0], rtol=0, atol=1e-5)
+    # the same caption alone and in a padded batch of two: the same model, another batch shape
+    assert_f32_close(alone[0], out["y"].asnumpy()[0], 64)
 
 
 def test_captions_remain_distinguishable(tiny_encoder: T5Encoder) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from numerics import assert_f32_close
 
 from opensora.data.cache_files import cache_path, load_text_embedding
 from opensora.data.text_cache import (
@@ -62,7 +63,8 @@ def test_cache_mirrors_videos_and_matches_encoder(caption_csv: Path, tmp_path: P
         assert y.dtype == np.float32 and y.shape == (TINY.model_max_length, encoder.output_dim)
         assert mask.shape == (TINY.model_max_length,)
         np.testing.assert_array_equal(mask, direct["mask"].asnumpy()[i])
-        np.testing.assert_allclose(y, direct["y"].asnumpy()[i, 0], rtol=0, atol=1e-5)
+        # the same encoder on batches of 2 and of all captions: another batch shape
+        assert_f32_close(y, direct["y"].asnumpy()[i, 0], 64)
 
 
 def test_cache_resumes_and_overwrites(caption_csv: Path, tmp_path: Path,

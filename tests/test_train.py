@@ -5,14 +5,24 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from numerics import assert_f32_close
 
+from opensora.checkpoint import read_state_dict
+from opensora.data import latent_cache, text_cache
 from opensora.data.dataset import VideoCaptionDataset
+from opensora.data.mask_generator import DEFAULT_MASK_RATIOS, MaskGenerator
 from opensora.models.stdit2 import STDiT2
+from opensora.models.text_encoder import T5Encoder
+from opensora.models.vae import VideoAutoencoderKL
+from opensora.parallel.launch import launch
+from opensora.presets import get_preset
 from opensora.schedulers.iddpm import IDDPM
 from opensora.train import (
     Callback,
@@ -104,7 +114,8 @@ def test_sampling_with_the_compiled_denoiser_matches_pynative() -> None:
     args = (model, y, mask, (4, 4, 8, 8), (64, 64), 8, 3)
     eager = sample_latents(*args, seed=1)
     graph = sample_latents(*args, seed=1, graph=True)
-    np.testing.assert_allclose(graph, eager, atol=1e-4)
+    # float32 op order differs when compiled: ~1e3 roundings over 3 steps of a tiny STDiT2
+    assert_f32_close(graph, eager, 1024)
     assert not model.training
 
 
@@ -179,8 +190,6 @@ def test_unsupported_settings_are_refused() -> None:
 
 def test_mask_generator_object_is_reseeded_per_step(cached: dict[str, Path],
                                                     tmp_path: Path) -> None:
-    from opensora.conditioning import MaskGenerator
-
     generator = MaskGenerator({"random": 1.0}, seed=0)
     trainer = _trainer(cached, tmp_path, mask_generator=generator)
     x = np.zeros((3, 4, 6, 2, 2), np.float32)
@@ -197,8 +206,6 @@ def test_mask_generator_object_is_reseeded_per_step(cached: dict[str, Path],
 def tiny_caches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Cached latents / captions shaped for the tiny preset (16 x 8 x 8 latents, 16 x 64
     caption features) for four clips."""
-    from opensora.presets import get_preset
-
     preset = get_preset("tiny")
     root = tmp_path_factory.mktemp("tiny_cache")
     rng = np.random.default_rng(1)
@@ -234,11 +241,6 @@ def test_two_workers_train_the_tiny_preset_like_one_process(tiny_caches: dict[st
                                                             tmp_path: Path) -> None:
     """Global batch 4: one process, then 2 msrun workers with 2 samples each (plain and with
     the sharded optimizer) end with the same weights, EMA, optimizer state and losses."""
-    import subprocess
-    import sys
-
-    from opensora.checkpoint import read_state_dict
-    from opensora.parallel.launch import launch
 
     alone = tmp_path / "alone"
     subprocess.run([sys.executable, *_train_args(tiny_caches, alone)], check=True,
@@ -255,9 +257,8 @@ def test_two_workers_train_the_tiny_preset_like_one_process(tiny_caches: dict[st
             got = read_state_dict(out / "checkpoints" / "step_000002" / name)
             assert set(got) == set(expected), (variant, name)
             for key, value in expected.items():  # all-reduce order: rounding of the largest
-                np.testing.assert_allclose(got[key].reshape(value.shape), value, rtol=1e-4,
-                                           atol=1e-4 * float(np.abs(value).max()),
-                                           err_msg=f"{variant} {name} {key}")
+                assert_f32_close(got[key].reshape(value.shape), value, 1024,
+                                 err_msg=f"{variant} {name} {key}")
         np.testing.assert_allclose([r["loss"] for r in read_loss_csv(out / "loss.csv")],
                                    losses, rtol=1e-4)
         with (out / "step_times.csv").open() as handle:
@@ -269,8 +270,6 @@ def test_stills_and_clips_train_together_in_graph_mode(cached: dict[str, Path],
                                                       tmp_path: Path) -> None:
     """Open-Sora 1.1 joint image / video training: one-frame rows fill the image cell, clips
     the video cell; the compiled step (with frame masks on) takes both shapes."""
-    from opensora.conditioning import DEFAULT_MASK_RATIOS, MaskGenerator
-
     rng = np.random.default_rng(1)
     (tmp_path / "lat" / "img").mkdir(parents=True)
     (tmp_path / "txt" / "img").mkdir(parents=True)
@@ -314,11 +313,6 @@ def test_stills_and_clips_train_together_in_graph_mode(cached: dict[str, Path],
 
 def test_given_cache_folders_are_checked_against_the_models(tiny_caches: dict[str, Path],
                                                             tmp_path: Path) -> None:
-    from opensora.data import latent_cache, text_cache
-    from opensora.models.text_encoder import T5Encoder
-    from opensora.models.vae import VideoAutoencoderKL
-    from opensora.presets import get_preset
-
     preset = get_preset("tiny")
     vae = VideoAutoencoderKL.from_pretrained(preset.vae_path)
     t5 = T5Encoder(preset.t5_path, preset.tokenizer_path,

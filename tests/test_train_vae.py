@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from opensora.models.vae import SD_SCALING_FACTOR, VideoAutoencoderKL
-from opensora.train_vae import (
+from opensora.train.vae import (
     VAETrainConfig,
     crops_around_foreground,
     foreground_mask,

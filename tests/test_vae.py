@@ -13,6 +13,7 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 import pytest
+from numerics import EPS32, assert_f32_close
 
 from opensora.checkpoint import CheckpointError, read_state_dict
 from opensora.models.vae import (
@@ -28,7 +29,9 @@ REFERENCE = Path("/work/shared/reference")
 if not REFERENCE.is_dir():
     REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
-TOL = 1e-4
+# Parity with diffusers: a 2-4 level VAE (3x3 convolutions of 16-64 channels, group norms, SiLU,
+# mid-block attention) differs by ~1e3 float32 roundings of the compared tensor's magnitude
+PARITY_STEPS = 1024
 
 needs_reference = pytest.mark.skipif(not (REFERENCE / "vae_case.npz").is_file(),
                                      reason="shared reference cases not available")
@@ -47,6 +50,11 @@ def video_to_frames(video: np.ndarray) -> np.ndarray:
 def max_err(a, b) -> float:
     a = a.asnumpy() if isinstance(a, ms.Tensor) else a
     return float(np.abs(np.asarray(a) - np.asarray(b)).max())
+
+
+def assert_close(actual, expected, rounding_steps: float = PARITY_STEPS) -> None:
+    actual = actual.asnumpy() if isinstance(actual, ms.Tensor) else actual
+    assert_f32_close(actual, expected, rounding_steps)
 
 
 @pytest.fixture(scope="module")
@@ -80,23 +88,23 @@ def test_reference_encode_pynative(ref_vae, ref_case):
     x = ms.Tensor(ref_case["x"])
     mean, std = ref_vae.encode_moments(x)
     batch = x.shape[0]
-    assert max_err(mean, frames_to_video(ref_case["moments.mean"], batch)) < TOL
+    assert_close(mean, frames_to_video(ref_case["moments.mean"], batch))
     expected_std = np.exp(0.5 * np.clip(ref_case["moments.logvar"], -30, 20))
-    assert max_err(std, frames_to_video(expected_std, batch)) < TOL
-    assert max_err(ref_vae.encode(x, sample_posterior=False), ref_case["encode_mean"]) < TOL
+    assert_close(std, frames_to_video(expected_std, batch))
+    assert_close(ref_vae.encode(x, sample_posterior=False), ref_case["encode_mean"])
     eps = frames_to_video(ref_case["encode_sample_eps"], batch)
     sample = ref_vae.encode(x, noise=ms.Tensor(np.ascontiguousarray(eps)))
     assert sample.shape == (2, 4, 3, 8, 8)
-    assert max_err(sample, ref_case["encode_sample"]) < TOL
+    assert_close(sample, ref_case["encode_sample"])
 
 
 @needs_reference
 def test_reference_decode_pynative(ref_vae, ref_case):
     out = ref_vae.decode(ms.Tensor(ref_case["latent_in"]))
     assert out.shape == ref_case["decode_of_latent_in"].shape
-    assert max_err(out, ref_case["decode_of_latent_in"]) < TOL
+    assert_close(out, ref_case["decode_of_latent_in"])
     out = ref_vae.decode(ms.Tensor(ref_case["encode_mean"]))
-    assert max_err(out, ref_case["decode_of_encode_mean"]) < TOL
+    assert_close(out, ref_case["decode_of_encode_mean"])
 
 
 @needs_reference
@@ -105,10 +113,10 @@ def test_reference_graph_mode(ref_vae, ref_case):
     vae = ref_vae.module
     frames = ms.Tensor(video_to_frames(ref_case["x"]))
     moments = ms.jit(vae.encode_moments)(frames).asnumpy()
-    assert max_err(moments[:, :4], ref_case["moments.mean"]) < TOL
+    assert_close(moments[:, :4], ref_case["moments.mean"])
     latents = video_to_frames(ref_case["latent_in"]) / ref_vae.scaling_factor
     decoded = ms.jit(vae.decode)(ms.Tensor(latents)).asnumpy()
-    assert max_err(frames_to_video(decoded, 2), ref_case["decode_of_latent_in"]) < TOL
+    assert_close(frames_to_video(decoded, 2), ref_case["decode_of_latent_in"])
 
 
 def test_two_level_old_key_names(two_level_vae, two_level_case):
@@ -116,13 +124,12 @@ def test_two_level_old_key_names(two_level_vae, two_level_case):
     assert config.block_out_channels == (16, 24) and not config.use_post_quant_conv
     assert two_level_vae.patch_size == (1, 2, 2)
     x = ms.Tensor(two_level_case["x"])
-    assert max_err(two_level_vae.encode(x, sample_posterior=False),
-                   two_level_case["encode_mean"]) < TOL
+    assert_close(two_level_vae.encode(x, sample_posterior=False), two_level_case["encode_mean"])
     sample = two_level_vae.encode(x, noise=ms.Tensor(two_level_case["encode_sample_eps"]))
-    assert max_err(sample, two_level_case["encode_sample"]) < TOL
+    assert_close(sample, two_level_case["encode_sample"])
     decoded = two_level_vae.decode(ms.Tensor(two_level_case["encode_mean"]))
     assert decoded.shape == (1, 3, 2, 32, 48)
-    assert max_err(decoded, two_level_case["decode_of_encode_mean"]) < TOL
+    assert_close(decoded, two_level_case["decode_of_encode_mean"])
 
 
 def test_two_level_whole_model_graph_mode(two_level_case):
@@ -130,7 +137,7 @@ def test_two_level_whole_model_graph_mode(two_level_case):
     vae = AutoencoderKL.from_pretrained(FIXTURES / "vae_two_level")
     frames = ms.Tensor(video_to_frames(two_level_case["x"]))
     out = ms.jit(vae.construct)(frames).asnumpy()
-    assert max_err(frames_to_video(out, 1), two_level_case["decode_of_encode_mean"]) < TOL
+    assert_close(frames_to_video(out, 1), two_level_case["decode_of_encode_mean"])
 
 
 # ---- the video wrapper
@@ -140,9 +147,10 @@ def test_micro_batch_size_does_not_change_results(two_level_vae, two_level_case)
     x = ms.Tensor(two_level_case["x"])
     whole = two_level_vae.encode(x, sample_posterior=False).asnumpy()
     one_by_one = VideoAutoencoderKL(two_level_vae.module, micro_batch_size=1)
-    assert max_err(one_by_one.encode(x, sample_posterior=False), whole) < 1e-6
+    # the same convolutions on batches of 1 and of 2 frames: only the kernels' blocking differs
+    assert_close(one_by_one.encode(x, sample_posterior=False), whole, 64)
     z = ms.Tensor(whole)
-    assert max_err(one_by_one.decode(z), two_level_vae.decode(z)) < 1e-5
+    assert_close(one_by_one.decode(z), two_level_vae.decode(z).asnumpy(), 64)
 
 
 def test_seeded_sampling_is_reproducible(two_level_vae, two_level_case):
@@ -219,8 +227,7 @@ def test_save_pretrained_round_trip(tmp_path, two_level_vae, two_level_case):
     assert "encoder.mid_block.attentions.0.to_q.weight" in saved
     reloaded = VideoAutoencoderKL.from_pretrained(folder)
     x = ms.Tensor(two_level_case["x"])
-    assert max_err(reloaded.encode(x, sample_posterior=False),
-                   two_level_case["encode_mean"]) < TOL
+    assert_close(reloaded.encode(x, sample_posterior=False), two_level_case["encode_mean"])
 
 
 def test_config_validation():
@@ -247,10 +254,14 @@ def test_posterior_kl_and_clamp():
     posterior = DiagonalGaussianDistribution(ms.Tensor(np.concatenate([mean, logvar], 1)))
     clamped = np.clip(logvar, -30, 20)
     expected = 0.5 * (mean**2 + np.exp(clamped) - 1 - clamped).sum(axis=(1, 2, 3))
-    np.testing.assert_allclose(posterior.kl().asnumpy(), expected, rtol=1e-5)
+    # MindSpore's CPU exp is not correctly rounded: up to ~1e2 eps relative (exp(20) is 43 eps
+    # off on one CPU), so allow 256 eps; the KL's terms are >= 0, so relative per image
+    np.testing.assert_allclose(posterior.kl().asnumpy(), expected, rtol=256 * EPS32)
     eps = rng.standard_normal(mean.shape).astype(np.float32)
-    np.testing.assert_allclose(posterior.sample(ms.Tensor(eps)).asnumpy(),
-                               mean + np.exp(0.5 * clamped) * eps, rtol=1e-5, atol=1e-5)
+    noise = np.exp(0.5 * clamped) * eps
+    # each term within its own 256 eps (the exp); their sum may cancel, so bound by both terms
+    error = np.abs(posterior.sample(ms.Tensor(eps)).asnumpy() - (mean + noise))
+    np.testing.assert_array_less(error, 256 * EPS32 * (np.abs(mean) + np.abs(noise)))
 
 
 def test_psnr():

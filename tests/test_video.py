@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from opensora.data.video import (
+    IMG_FPS,
     VideoReadError,
     frame_indices,
     read_frames,
@@ -102,8 +104,6 @@ def test_uint8_conversion_clips_overshoot() -> None:
 
 
 def test_read_image(tmp_path: Path) -> None:
-    from PIL import Image
-
     Image.fromarray(_moving_square()[0]).save(tmp_path / "frame.png")
     assert read_image(tmp_path / "frame.png", size=(16, 16)).shape == (3, 1, 16, 16)
     with pytest.raises(VideoReadError, match="not found"):
@@ -112,9 +112,6 @@ def test_read_image(tmp_path: Path) -> None:
 
 def test_a_still_reads_as_a_one_frame_clip(tmp_path: Path) -> None:
     """Images sit in training csvs next to videos (1.1's image buckets): one frame at IMG_FPS."""
-    from PIL import Image
-
-    from opensora.data.video import IMG_FPS
 
     frame = _moving_square()[3]
     Image.fromarray(frame).save(tmp_path / "still.png")

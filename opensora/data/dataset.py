@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mindspore.dataset as ds
 import numpy as np
 
 from opensora.data.cache_files import cache_path, load_latent_npz, load_text_embedding
@@ -455,8 +456,6 @@ def create_dataloader(dataset: VideoCaptionDataset, start_step: int, num_steps: 
     `create_dict_iterator(num_epochs=1, output_numpy=True)`. `plan` replaces the dataset's
     own plan of those steps (e.g. a rank's share of it, `opensora.parallel.shard_plan`).
     """
-    import mindspore.dataset as ds
-
     ds.config.set_prefetch_size(max(1, prefetch))
     source = _BatchSource(dataset, plan if plan is not None
                           else dataset.plan(start_step, num_steps))

@@ -40,6 +40,8 @@ from opensora.data.cache_files import (
     verify_cache_folder,
 )
 from opensora.data.video import VideoReadError, read_video, video_info
+from opensora.models.vae import VideoAutoencoderKL
+from opensora.runtime import configure
 
 
 @dataclass
@@ -145,8 +147,6 @@ def cache_latents(csv_path: str | os.PathLike, out_dir: str | os.PathLike, vae: 
 
 
 def main(argv: list[str] | None = None) -> LatentCacheReport:
-    from opensora.models.vae import VideoAutoencoderKL
-
     parser = argparse.ArgumentParser(description="Cache VAE latents of a video-caption csv.")
     parser.add_argument("--csv", required=True, help="csv with a video column")
     parser.add_argument("--vae", required=True, help="diffusers-layout AutoencoderKL folder")
@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> LatentCacheReport:
     parser.add_argument("--video-column", default="video")
     parser.add_argument("--overwrite", action="store_true", help="re-encode existing files")
     args = parser.parse_args(argv)
+    configure()
     vae = VideoAutoencoderKL.from_pretrained(args.vae, micro_batch_size=args.micro_batch_size)
     report = cache_latents(args.csv, args.out, vae,
                            tuple(args.image_size) if args.image_size else None,

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from opensora.data.video import write_video
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (225, 40, 40),
@@ -192,9 +195,6 @@ def write_dataset(out: str | Path, num_clips: int = 64, num_frames: int = 32, si
     """Render every clip to mp4 and every still to png, and write the captions csvs (paths
     relative to the csv): videos, held-out videos, stills, and stills + videos together (the
     csv for Open-Sora 1.1-style joint image / video training with buckets)."""
-    from PIL import Image
-
-    from opensora.data.video import write_video
 
     out = Path(out)
     train, heldout = plan_dataset(num_clips, num_frames, size, seed)
@@ -238,18 +238,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=512,
                         help="stills (frames of the training clips) for joint image training")
-    parser.add_argument("--tokenizer", action="store_true",
-                        help="also train the small T5 tokenizer on the captions")
     args = parser.parse_args(argv)
     paths = write_dataset(args.out, args.num_clips, args.num_frames, args.size, args.fps,
                           args.seed, args.num_images)
     print(f"wrote {args.num_clips} clips, {args.num_images} stills, {paths['csv']} and "
           f"{paths['joint_csv']}")
-    if args.tokenizer:
-        from opensora.data.tokenizer import train_caption_tokenizer
-
-        folder = train_caption_tokenizer(Path(args.out) / "tokenizer")
-        print(f"wrote tokenizer to {folder}")
 
 
 if __name__ == "__main__":

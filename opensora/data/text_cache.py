@@ -32,6 +32,7 @@ from opensora.data.cache_files import (
     verify_cache_folder,
 )
 from opensora.models.text_encoder import T5Encoder
+from opensora.runtime import configure
 
 FINGERPRINT_FILE = "t5.json"
 RECORD = (FINGERPRINT_FILE, "T5", "caption embeddings")  # record file, owner, contents
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> CacheReport:
     parser.add_argument("--caption-column", default="caption")
     parser.add_argument("--overwrite", action="store_true", help="re-encode existing files")
     args = parser.parse_args(argv)
+    configure()
     encoder = T5Encoder(args.t5, args.tokenizer, model_max_length=args.model_max_length)
     report = cache_text_embeddings(args.csv, args.out, encoder, args.batch_size,
                                    args.video_column, args.caption_column, args.overwrite)

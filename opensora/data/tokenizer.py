@@ -10,10 +10,15 @@ the world map to `<unk>`.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers.trainers import WordLevelTrainer
+
 from opensora.data.synthetic import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, caption_for
+from opensora.runtime import configure
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
 
@@ -28,9 +33,7 @@ def world_captions() -> list[str]:
 def train_caption_tokenizer(folder: str | Path, vocab_size: int = 64,
                             model_max_length: int = 16) -> Path:
     """Train the word-level tokenizer and save it in the Hugging Face folder layout."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers.trainers import WordLevelTrainer
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # after configure(): see runtime.configure
 
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
@@ -48,3 +51,15 @@ def train_caption_tokenizer(folder: str | Path, vocab_size: int = 64,
     folder.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(folder))
     return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train the moving-shapes caption tokenizer.")
+    parser.add_argument("--out", default="data_samples/tokenizer")
+    args = parser.parse_args(argv)
+    configure()
+    print(f"wrote tokenizer to {train_caption_tokenizer(args.out)}")
+
+
+if __name__ == "__main__":
+    main()

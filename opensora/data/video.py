@@ -7,10 +7,12 @@ Reading goes through decord (as Open-Sora's data pipeline does); writing mp4 thr
 
 from __future__ import annotations
 
+import fractions
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import av
 import numpy as np
 from PIL import Image
 
@@ -35,6 +37,8 @@ class VideoInfo:
 
 
 def _open(path: str | os.PathLike):
+    # imported on use: decord 0.6.0 imported before MindSpore 2.10 aborts the process
+    # ("random_device could not be read"); by now MindSpore is loaded
     import decord
 
     path = Path(path)
@@ -216,10 +220,6 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 8,
 
 
 def _encode_mp4(handle, frames: np.ndarray, fps: float, crf: int) -> None:
-    import fractions
-
-    import av
-
     with av.open(handle, mode="w", format="mp4") as container:
         rate = fractions.Fraction(fps).limit_denominator(1000)
         stream = container.add_stream("libx264", rate=rate)

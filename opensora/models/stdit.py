@@ -351,43 +351,6 @@ def infer_stdit_config(state: dict[str, np.ndarray]) -> dict[str, Any]:
     )
 
 
-def _linear(n_in: int, n_out: int) -> int:
-    return n_in * n_out + n_out
-
-
-def count_common_parameters(hidden_size: int, depth: int, in_channels: int,
-                            patch_size: Sequence[int], caption_channels: int,
-                            model_max_length: int, mlp_ratio: float, pred_sigma: bool,
-                            block_extra: int) -> int:
-    """Parameters STDiT and STDiT2 share, plus `block_extra` per block."""
-    h, patch = hidden_size, int(np.prod(patch_size))
-    out_channels = in_channels * 2 if pred_sigma else in_channels
-    mlp = int(h * mlp_ratio)
-    block = (2 * (_linear(h, 3 * h) + _linear(h, h))  # attn, attn_temp
-             + _linear(h, h) + _linear(h, 2 * h) + _linear(h, h)  # cross_attn
-             + _linear(h, mlp) + _linear(mlp, h) + 6 * h + block_extra)
-    return (in_channels * patch * h + h  # x_embedder
-            + _linear(256, h) + _linear(h, h)  # t_embedder
-            + _linear(h, 6 * h)  # t_block
-            + model_max_length * caption_channels + _linear(caption_channels, h)
-            + _linear(h, h)  # y_embedder
-            + depth * block
-            + _linear(h, patch * out_channels) + 2 * h)  # final_layer
-
-
-def count_stdit_parameters(input_size: Sequence[int] = (1, 32, 32),
-                           in_channels: int = 4, patch_size: Sequence[int] = (1, 2, 2),
-                           hidden_size: int = 1152, depth: int = 28, mlp_ratio: float = 4.0,
-                           pred_sigma: bool = True, caption_channels: int = 4096,
-                           model_max_length: int = 120, **_: Any) -> int:
-    """Number of values in an STDiT state dict (buffers included), without building it."""
-    grid = [int(s) // int(p) for s, p in zip(input_size, patch_size, strict=True)]
-    tables = (grid[1] * grid[2] + grid[0]) * hidden_size
-    return tables + count_common_parameters(hidden_size, depth, in_channels, patch_size,
-                                            caption_channels, model_max_length, mlp_ratio,
-                                            pred_sigma, block_extra=0)
-
-
 def load_pretrained(cls: type, path: str | os.PathLike,
                     infer_config: Callable[[dict[str, np.ndarray]], dict[str, Any]],
                     overrides: dict[str, Any]) -> Any:

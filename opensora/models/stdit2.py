@@ -35,13 +35,11 @@ from opensora.models.layers import (
     SizeEmbedder,
     T2IFinalLayer,
     TimestepEmbedder,
-    sincos_1d,
     t2i_modulate,
     t_mask_select,
 )
 from opensora.models.ops import expand_to
 from opensora.models.stdit import (
-    count_common_parameters,
     freeze_parameters,
     init_dit_weights,
     load_pretrained,
@@ -147,12 +145,6 @@ class STDiT2(nn.Cell):
     on Ascend, math elsewhere), `attn_block_size` (chunked backend) and `enable_recompute`
     (recompute each block in the backward pass instead of storing its activations).
     `enable_flash_attn=True` (Open-Sora's switch) selects `attn_backend="flash"` on Ascend only.
-
-    `temporal_pos_emb=True` (a MindSpore extra, off as in Open-Sora 1.1) adds Open-Sora 1.0's
-    fixed sin-cos table of the frame index to the tokens. RoPE alone tells temporal attention
-    only how far apart two frames are, so while every frame looks alike (high noise) the model
-    cannot place frame 0 differently from frame 15: a captioned direction must be learnt as a
-    relation between frames. The table has no weights, so checkpoints load either way.
     """
 
     def __init__(self, input_size: Sequence[int | None] = (None, None, None),
@@ -164,8 +156,7 @@ class STDiT2(nn.Cell):
                  model_max_length: int = 120, freeze: str | None = None, qk_norm: bool = False,
                  enable_flash_attn: bool = False, enable_layernorm_kernel: bool = False,
                  attn_backend: str = "auto", attn_block_size: int = QUERY_BLOCK_SIZE,
-                 enable_recompute: bool = False, temporal_pos_emb: bool = False,
-                 **unused: Any) -> None:
+                 enable_recompute: bool = False, **unused: Any) -> None:
         super().__init__()
         if hidden_size % 3:
             raise ValueError(f"STDiT2 needs hidden_size divisible by 3, got {hidden_size}")
@@ -194,9 +185,6 @@ class STDiT2(nn.Cell):
             caption_channels=caption_channels, model_max_length=model_max_length, freeze=freeze,
             qk_norm=qk_norm, model_type="STDiT2",
         )
-        self.temporal_pos_emb = bool(temporal_pos_emb)
-        if self.temporal_pos_emb:  # a MindSpore extra: recorded only where it is on
-            self.config["temporal_pos_emb"] = True
 
         self.pos_embed = PositionEmbedding2D(hidden_size)
         self.x_embedder = PatchEmbed3D(self.patch_size, in_channels, hidden_size)
@@ -271,8 +259,6 @@ class STDiT2(nn.Cell):
 
         x = self.x_embedder(x)  # (B, T*S, C)
         x = x.reshape(batch, num_t, num_s, -1) + pos_emb[:, None]
-        if self.temporal_pos_emb:
-            x = x + sincos_1d(num_t, self.hidden_size).astype(dtype)[:, :, None]
         x = x.reshape(batch, num_t * num_s, -1)
 
         # adaLN-single inputs
@@ -333,20 +319,3 @@ def infer_stdit2_config(state: dict[str, np.ndarray]) -> dict[str, Any]:
         caption_channels=int(null.shape[1]), model_max_length=int(null.shape[0]),
         qk_norm="blocks.0.attn.q_norm.weight" in state,
     )
-
-
-def count_stdit2_parameters(in_channels: int = 4, patch_size: Sequence[int] = (1, 2, 2),
-                            hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
-                            mlp_ratio: float = 4.0, pred_sigma: bool = True,
-                            caption_channels: int = 4096, model_max_length: int = 120,
-                            qk_norm: bool = False, **_: Any) -> int:
-    """Number of values in an STDiT2 state dict, without building it (for the XL presets)."""
-    h, head_dim = hidden_size, hidden_size // num_heads
-    block_extra = 3 * h + (4 * head_dim if qk_norm else 0)  # temporal table, q/k norms x2
-    size_embedders = 2 * (256 * (h // 3) + (h // 3) + (h // 3) ** 2 + (h // 3)) + 2 * (
-        256 * h + h + h * h + h)
-    return (count_common_parameters(h, depth, in_channels, patch_size, caption_channels,
-                                    model_max_length, mlp_ratio, pred_sigma, block_extra)
-            + 3 * h * h + 3 * h  # t_block_temp
-            + head_dim // 2  # rope.freqs
-            + size_embedders)

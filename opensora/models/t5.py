@@ -8,7 +8,7 @@ keys of `transformers.T5EncoderModel.state_dict()` (`shared.weight`,
 `encoder.block.0.layer.0.SelfAttention.q.weight`, ..., `encoder.final_layer_norm.weight`) and a
 downloaded T5 folder loads as it is, sharded or not.
 
-Make the tiny preset's encoder with:  python -m opensora.models.t5 --make-tiny OUT --vocab-size N
+Make the tiny preset's encoder with `make tiny-t5` (`python -m opensora.models.t5 --make-tiny`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from mindspore import nn, ops
 
 from opensora.checkpoint import load_checkpoint, read_state_dict, save_state_dict
 from opensora.models.ops import gelu_tanh
+from opensora.runtime import configure
 
 # T5 in float16 overflows: activations of the xxl feed-forward exceed 65504. Hugging Face keeps
 # the `wo` projections in float32 and clamps the residual stream just below the float16 maximum;
@@ -413,6 +414,7 @@ def make_tiny_t5(out: str | os.PathLike, vocab_size: int, seed: int = 0,
 
 
 def _vocab_size_of(tokenizer_path: str | os.PathLike) -> int:
+    # transformers is imported on use: configure() must quiet its import-time advisory first
     from transformers import AutoTokenizer
 
     return len(AutoTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True))
@@ -427,6 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     size.add_argument("--tokenizer", help="take the vocabulary size from this tokenizer folder")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    configure()
     vocab = args.vocab_size if args.vocab_size else _vocab_size_of(args.tokenizer)
     print(f"wrote {make_tiny_t5(args.make_tiny, vocab, seed=args.seed)} (vocab {vocab})")
 

@@ -27,6 +27,7 @@ from opensora.models.t5 import T5EncoderModel
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
     """A tokenizer from a local folder only; a missing folder is an error, never a download."""
+    # transformers is imported on use: configure() must quiet its import-time advisory first
     from transformers import AutoTokenizer
 
     path = Path(path)

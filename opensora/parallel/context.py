@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 import mindspore as ms
+from mindspore.communication import get_group_size, get_rank, init
 
 MSRUN_ENV = ("MS_ROLE", "MS_WORKER_NUM", "MS_SCHED_HOST", "MS_SCHED_PORT")
 
@@ -66,7 +67,6 @@ def init_parallel(optimizer_parallel: bool = False,
         info = ParallelInfo(optimizer_parallel=optimizer_parallel)
         _STATE["info"] = info
         return info
-    from mindspore.communication import get_group_size, get_rank, init
 
     init()  # the scheduler process never returns from here: msrun's own design
     rank, world = get_rank(), get_group_size()

@@ -1,7 +1,7 @@
 """Run a Python program on N workers with msrun, stream their logs, fail loudly.
 
     python -m opensora.parallel.launch --workers 2 [--timeout 600] [--log-dir D] \\
-        -- -m opensora.parallel.demo --out r.npz
+        -- -m opensora.train --latent-folder C/latents --text-folder C/t5 --output-dir runs/dp
 
 Everything after `--` is what you would type after `python`. msrun (MindSpore's launcher)
 starts the scheduler and the workers and already stops all workers when one exits with an
@@ -200,7 +200,7 @@ def launch(python_args: Sequence[str], workers: int = 2, timeout: float = 600.0,
         raise ValueError(f"workers must be >= 1, got {workers}")
     if not python_args:
         raise ValueError("nothing to run: pass the program, e.g. ['train.py', '--steps', '5'] "
-                         "or ['-m', 'opensora.parallel.demo', '--out', 'r.npz']")
+                         "or ['-m', 'opensora.train', '--latent-folder', ...]")
     emit = emit or (lambda line: print(line, flush=True))
     log_path = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="msrun_"))
     log_path.mkdir(parents=True, exist_ok=True)

@@ -19,8 +19,9 @@ check the rest. All other constants are in `Hardware` and can be changed.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
+
+from opensora.models.shapes import count_stdit2_trainable, stdit2_flops, stdit2_tokens
 
 GB = 1024**3
 
@@ -40,51 +41,33 @@ class STDiT2Shape:
     pred_sigma: bool = True
     qk_norm: bool = True
     vae_downsample: tuple[int, int, int] = (1, 8, 8)  # (t, h, w) of the image VAE
-    frequency_embedding_size: int = 256
 
     @property
-    def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
-
-    def block_parameters(self) -> int:
-        h, m = self.hidden_size, self.mlp_hidden
-        attention = 4 * h * h + 4 * h + (2 * (h // self.num_heads) if self.qk_norm else 0)
-        cross = 4 * h * h + 4 * h
-        mlp = 2 * h * m + m + h
-        tables = 6 * h + 3 * h  # spatial and temporal scale-shift tables
-        return 2 * attention + cross + mlp + tables
+    def config(self) -> dict[str, object]:
+        """The STDiT2 constructor keywords of this shape (what `opensora.models.shapes` reads)."""
+        return dict(hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads,
+                    mlp_ratio=self.mlp_ratio, in_channels=self.in_channels,
+                    patch_size=self.patch_size, caption_channels=self.caption_channels,
+                    model_max_length=self.text_tokens, pred_sigma=self.pred_sigma,
+                    qk_norm=self.qk_norm)
 
     def parameters(self) -> int:
-        """Trainable parameters (the null-caption embedding and RoPE table are buffers)."""
-        h, c, f = self.hidden_size, self.in_channels, self.frequency_embedding_size
-        p = math.prod(self.patch_size)
-        out = 2 * c if self.pred_sigma else c
+        """Trained parameters (the null-caption embedding and RoPE table are buffers)."""
+        return count_stdit2_trainable(**self.config)
 
-        def timestep_mlp(width: int) -> int:
-            return f * width + width + width * width + width
-
-        embed = h * c * p + h  # PatchEmbed3D
-        embed += timestep_mlp(h) + (6 * h * h + 6 * h) + (3 * h * h + 3 * h)  # t, t_block(_temp)
-        embed += self.caption_channels * h + h + h * h + h  # caption projection
-        embed += 2 * timestep_mlp(h // 3) + 2 * timestep_mlp(h)  # size, ar, frames, fps
-        final = h * p * out + p * out + 2 * h
-        return embed + self.depth * self.block_parameters() + final
+    def latent(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """(T, H, W) of the VAE latent of a clip."""
+        dt, dh, dw = self.vae_downsample
+        return frames // dt, height // dh, width // dw
 
     def tokens(self, frames: int, height: int, width: int) -> tuple[int, int]:
         """(T, S): latent frames after patching, and spatial tokens per frame."""
-        dt, dh, dw = self.vae_downsample
-        pt, ph, pw = self.patch_size
-        return (frames // dt // pt, (height // dh // ph) * (width // dw // pw))
+        return stdit2_tokens(self.latent(frames, height, width), self.patch_size)
 
     def forward_flops(self, frames: int, height: int, width: int, batch: int = 1) -> float:
-        """Forward FLOPs (2 per multiply-add) of the transformer for one batch."""
-        t, s = self.tokens(frames, height, width)
-        n, h, m, L = t * s, self.hidden_size, self.mlp_hidden, self.text_tokens
-        linear = 2 * n * (4 * h * h + 4 * h * h + 2 * h * h + 2 * h * m) + 2 * L * 2 * h * h
-        attention = 4 * h * (t * s * s + s * t * t + n * L)
-        p, c = math.prod(self.patch_size), self.in_channels
-        ends = 2 * n * h * p * c + 2 * n * h * p * (2 * c if self.pred_sigma else c)
-        return float(batch * (self.depth * (linear + attention) + ends))
+        """Forward matmul FLOPs (2 per multiply-add) of the transformer for one batch."""
+        return float(sum(stdit2_flops(self.config, self.latent(frames, height, width),
+                                      batch).values()))
 
     def block_activation_elements(self, frames: int, height: int, width: int,
                                   flash_attention: bool = True) -> float:

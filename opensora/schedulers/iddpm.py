@@ -24,6 +24,7 @@ from typing import Any
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
+from tqdm.auto import tqdm
 
 ModelFn = Callable[..., Any]
 GeneratorLike = np.random.Generator | int | None
@@ -309,10 +310,7 @@ class IDDPM:
                  noise_schedule: str = "linear", use_kl: bool = False, sigma_small: bool = False,
                  predict_xstart: bool = False, learn_sigma: bool = True,
                  rescale_learned_sigmas: bool = False, diffusion_steps: int = 1000,
-                 cfg_scale: float = 4.0, cfg_channel: int | None = None,
-                 snr_gamma: float | None = None) -> None:
-        if snr_gamma is not None and not float(snr_gamma) > 0:
-            raise ValueError(f"snr_gamma must be a positive number or None, got {snr_gamma}")
+                 cfg_scale: float = 4.0, cfg_channel: int | None = None) -> None:
         if num_sampling_steps is not None:
             if timestep_respacing:
                 raise ValueError("give num_sampling_steps or timestep_respacing, not both")
@@ -338,7 +336,6 @@ class IDDPM:
             self.loss_type = "rescaled_mse" if rescale_learned_sigmas else "mse"
         self.cfg_scale = float(cfg_scale)
         self.cfg_channel = cfg_channel
-        self.snr_gamma = None if snr_gamma is None else float(snr_gamma)
         self._learned_sigma = self.model_var_type == "learned_range"
         self._predict_eps = self.model_mean_type == "epsilon"
         self._vb_loss = self.loss_type in ("kl", "rescaled_kl")
@@ -362,7 +359,6 @@ class IDDPM:
         self.t_posterior_mean_coef2 = f32(s.posterior_mean_coef2)
         self.t_posterior_variance = f32(s.posterior_variance)
         self.t_posterior_log_variance_clipped = f32(s.posterior_log_variance_clipped)
-        self.t_mse_weight = f32(self.mse_weights())
         self.t_log_betas = f32(np.log(s.betas))
         self.t_alphas_cumprod = f32(s.alphas_cumprod)
         self.t_alphas_cumprod_prev = f32(s.alphas_cumprod_prev)
@@ -396,21 +392,6 @@ class IDDPM:
         variance = _extract(self.t_one_minus_alphas_cumprod, t, n)
         log_variance = _extract(self.t_log_one_minus_alphas_cumprod, t, n)
         return mean, variance, log_variance
-
-    def mse_weights(self) -> np.ndarray:
-        """Per-timestep weight of the mse term: ones, or Min-SNR-gamma (Hang et al. 2023).
-
-        With `snr_gamma` the eps loss at step t is scaled by min(SNR_t, gamma) / SNR_t
-        (min(SNR_t, gamma) when predicting x_0), SNR_t = alpha_bar_t / (1 - alpha_bar_t): the
-        nearly clean steps, which only refine detail, stop dominating the gradient (the paper
-        reports faster convergence; on the tiny preset it measured no gain). Published
-        Open-Sora trains without it (uniform weights); the sampler is unchanged either way.
-        """
-        snr = self.schedule.alphas_cumprod / (1.0 - self.schedule.alphas_cumprod)
-        if self.snr_gamma is None:
-            return np.ones_like(snr)
-        clipped = np.minimum(snr, self.snr_gamma)
-        return clipped / snr if self._predict_eps else clipped
 
     def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise."""
@@ -542,8 +523,6 @@ class IDDPM:
             vb = ops.zeros((x_start.shape[0],), ms.float32)
         target = noise if self._predict_eps else x_start
         mse = mean_flat(ops.square(target - eps), mask)
-        if self.snr_gamma is not None:
-            mse = mse * _extract(self.t_mse_weight, t, 1)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
     # --- sampling --------------------------------------------------------------------------
@@ -609,8 +588,6 @@ class IDDPM:
             img = noise.astype(ms.float32)
         indices: Iterable[int] = range(self.num_timesteps - 1, -1, -1)
         if progress:
-            from tqdm.auto import tqdm
-
             indices = tqdm(indices, total=self.num_timesteps, desc=f"{sampler} sampling")
         for i in indices:
             t = Tensor(np.full((shape[0],), i, dtype=np.int32))

@@ -17,6 +17,7 @@ import sys
 
 from opensora import profiling
 from opensora.models.attention import KEY_BLOCK_SIZE, QUERY_BLOCK_SIZE, attention
+from opensora.runtime import configure
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-tokens", type=int, default=4096)
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args(argv)
+    configure()
 
     print(f"blocks: {QUERY_BLOCK_SIZE} queries x {KEY_BLOCK_SIZE} keys")
     peaks = {b: profiling.peak_memory(profiling.attention_workload, backend=b,

@@ -16,6 +16,7 @@ import time
 
 from opensora.pipeline import TextToVideoPipeline
 from opensora.profiling import format_table
+from opensora.runtime import configure
 
 PROMPT = "a red circle moving left on a black background"
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="sampling steps per clip")
     parser.add_argument("--clips", type=int, default=2, help="measured clips per configuration")
     args = parser.parse_args(argv)
+    configure()
     rows = [bench(p, m, args.steps, args.clips) for p in args.presets for m in args.modes]
     print(format_table(rows))
     for preset in args.presets:

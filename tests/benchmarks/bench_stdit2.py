@@ -4,8 +4,8 @@ compare the achieved GFLOP/s with this machine's float32 matmul peak measured in
     .venv/bin/python tests/benchmarks/bench_stdit2.py                 # `small` preset
     .venv/bin/python tests/benchmarks/bench_stdit2.py --preset tiny --steps 3
 
-FLOPs are counted analytically (2 per multiply-add of every matmul: linear layers and the two
-attention products); a backward pass is counted as twice the forward.
+FLOPs are counted analytically by `opensora.models.shapes.stdit2_flops` (2 per multiply-add of
+every matmul); a backward pass is counted as twice the forward.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import ops
 
-import opensora  # noqa: F401  (configures the runtime)
+from opensora.models.shapes import stdit2_flops
 from opensora.presets import build_model, get_preset
+from opensora.runtime import configure
 
 
 def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
@@ -34,29 +35,6 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
         ops.matmul(a, b).asnumpy()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
-
-
-def forward_flops(model_cfg: dict, batch: int, t: int, h: int, w: int) -> float:
-    """Matmul FLOPs of one STDiT2 forward pass at latent size (t, h, w)."""
-    hid, depth = model_cfg["hidden_size"], model_cfg["depth"]
-    pt, ph, pw = model_cfg["patch_size"]
-    mlp = int(hid * model_cfg["mlp_ratio"])
-    tokens_t, tokens_s = t // pt, (h // ph) * (w // pw)
-    n = tokens_t * tokens_s
-    n_cap, c_cap = model_cfg["model_max_length"], model_cfg["caption_channels"]
-    out = model_cfg["in_channels"] * (2 if model_cfg["pred_sigma"] else 1) * pt * ph * pw
-    per_token_block = 2 * (2 * (3 * hid * hid + hid * hid)  # attn + attn_temp qkv/proj
-                           + 2 * hid * hid  # cross q_linear + proj
-                           + 2 * hid * mlp)  # mlp
-    attention = (4 * tokens_t * tokens_s**2 * hid  # spatial QK^T and PV
-                 + 4 * tokens_s * tokens_t**2 * hid  # temporal
-                 + 4 * n * n_cap * hid)  # cross
-    kv = 2 * n_cap * hid * 2 * hid
-    block = n * per_token_block + attention + kv
-    embed = 2 * n * hid * model_cfg["in_channels"] * pt * ph * pw
-    captions = 2 * n_cap * (c_cap * hid + hid * hid)
-    final = 2 * n * hid * out
-    return float(batch * (depth * block + embed + captions + final))
 
 
 def time_calls(fn: Callable[[], object], steps: int) -> tuple[float, float]:
@@ -89,6 +67,7 @@ def main() -> None:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
+    configure()
 
     preset = get_preset(args.preset)
     frames = args.frames or preset.num_frames
@@ -124,7 +103,7 @@ def main() -> None:
         "forward+backward/graph": ms.jit(train_step),
     }
     peak = matmul_peak_gflops()
-    fwd_flops = forward_flops(cfg, batch, frames, side, side)
+    fwd_flops = float(sum(stdit2_flops(cfg, (frames, side, side), batch).values()))
     results = {"preset": preset.name, "batch": batch, "latent": [frames, side, side],
                "parameters": sum(int(np.prod(p.shape)) for p in params),
                "forward_gflop": fwd_flops / 1e9, "matmul_peak_gflops": peak, "runs": {}}

@@ -55,8 +55,10 @@ def _timed(fn, iters: int) -> tuple[float, object]:
 def bench_mindspore(folder: Path, ids: np.ndarray, mask: np.ndarray, iters: int) -> dict:
     import mindspore as ms
 
-    import opensora  # noqa: F401  (configures the CPU runtime)
     from opensora.models.t5 import T5EncoderModel
+    from opensora.runtime import configure
+
+    configure()
 
     model = T5EncoderModel.from_pretrained(folder)
     ids_t, mask_t = ms.Tensor(ids.astype(np.int32)), ms.Tensor(mask.astype(np.int32))

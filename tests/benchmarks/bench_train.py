@@ -13,6 +13,7 @@ import numpy as np
 
 from opensora.models.stdit2 import STDiT2
 from opensora.presets import get_preset
+from opensora.runtime import configure
 from opensora.schedulers.iddpm import IDDPM
 from opensora.train import TrainStep, micro_condition_arrays, seed_everything
 
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--latent-folder")
     parser.add_argument("--text-folder")
     args = parser.parse_args()
+    configure()
     preset = get_preset(args.preset)
     h, w = preset.image_size
     latent = (preset.model["in_channels"], preset.num_frames, h // 8, w // 8)

@@ -41,8 +41,10 @@ def _timed(fn, iters: int) -> tuple[float, np.ndarray]:
 def bench_mindspore(folder: Path, frames: np.ndarray, iters: int) -> dict:
     import mindspore as ms
 
-    import opensora  # noqa: F401  (configures the CPU runtime)
     from opensora.models.vae import AutoencoderKL
+    from opensora.runtime import configure
+
+    configure()
 
     vae = AutoencoderKL.from_pretrained(folder)
     vae.set_train(False)

@@ -12,7 +12,7 @@ differ from the frame's background get `foreground_weight` times the weight. And
 fully convolutional (the mid-block attention takes any size), so it trains on `crop_size` crops
 placed around the shape, a quarter of the compute of whole 64x64 frames per sample.
 
-    python -m opensora.train_vae --out data_samples/models/vae_tiny
+    python -m opensora.train.vae --out data_samples/models/vae_tiny
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from opensora.models.vae import (
     split_moments,
 )
 from opensora.presets import DATA_SAMPLES
+from opensora.runtime import configure
 
 
 @dataclass
@@ -283,6 +284,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[VAETrainConfig, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config, out = parse_args(argv)
+    configure()
     train_vae(config, out)
     return 0
 

@@ -18,12 +18,17 @@ they are" as its prior, which is what a sampler then draws.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from clips import committed_tiny, training_batches
 from mindspore import Tensor
 
+from opensora.runtime import configure
+from opensora.schedulers.iddpm import IDDPM
 from opensora.train import MICRO_CONDITIONS, takes_micro_conditions
 
 VARIANTS = ("forward", "reversed", "shuffled", "frozen")
@@ -121,3 +126,24 @@ def temporal_probe(model: object, diffusion: object, batches: Iterable[Mapping[s
     if clips == 0:
         raise ValueError("temporal_probe got no batches")
     return ProbeResult(timesteps, {v: s / clips for v, s in sums.items()}, clips)
+
+
+def main() -> None:
+    """The probe on the committed tiny weights and the first training clips; writes
+    temporal_probe.json beside this file."""
+    configure()
+    preset, model, vae, text_encoder = committed_tiny()
+    batches = training_batches(preset, vae, text_encoder, count=3)
+    result = temporal_probe(model, IDDPM(), batches, timesteps=(100, 300, 500, 700))
+    print(result.table())
+    record = {"model": str(preset.model_path), "clips": result.clips,
+              "timesteps": list(result.timesteps),
+              "losses": {k: v.tolist() for k, v in result.losses.items()},
+              "arrow_gap": result.arrow_gap().tolist()}
+    out = Path(__file__).with_suffix(".json")
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,19 +1,15 @@
-"""Mask strategies: the grammar, applying it to latents, masked sampling, loops, MaskGenerator."""
+"""The mask_strategy grammar, references, applying a strategy to latents, long-video loops."""
 
 from __future__ import annotations
 
 import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import ops
 from PIL import Image
 
-from opensora.conditioning import (
-    DEFAULT_MASK_RATIOS,
-    LEGACY_MASK_NAMES,
-    MASK_TYPES,
+from opensora.data.video import write_video
+from opensora.mask_strategy import (
     Conditioning,
-    MaskGenerator,
     MaskOp,
     MaskStrategy,
     MaskStrategyError,
@@ -21,11 +17,7 @@ from opensora.conditioning import (
     collect_references_batch,
     loop_generate,
     parse_mask_strategy,
-    sample_with_frame_mask,
-    step_masks,
 )
-from opensora.data.video import write_video
-from opensora.schedulers.iddpm import IDDPM
 
 # ---------------------------------------------------------------------------------------------
 # grammar
@@ -166,83 +158,6 @@ def test_apply_accepts_mindspore_latents() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# edit_ratio: what a frame-mask value does at each step
-
-
-def test_step_masks_follow_open_sora() -> None:
-    frame_mask = np.array([[1.0, 0.0, 0.5, 0.25]], np.float32)  # S = 8: k = 8, 0, 4, 2
-    table = {t: step_masks(frame_mask, t, 8) for t in range(8)}
-    for t, masks in table.items():
-        assert masks.x_mask[0, 0] and not masks.keep[0, 0] and not masks.renoise[0, 0]
-        # edit ratio 0: clean condition at every step but the last, re-noised at t = 0
-        assert masks.keep[0, 1] == (t > 0) and masks.renoise[0, 1] == (t == 0)
-        assert not masks.x_mask[0, 1]
-        # edit ratio 0.5: kept above k = 4, re-noised at 4, generated below
-        assert masks.keep[0, 2] == (t > 4) and masks.renoise[0, 2] == (t == 4)
-        assert masks.x_mask[0, 2] == (t < 4)
-        assert masks.x_mask[0, 3] == (t < 2) and masks.renoise[0, 3] == (t == 2)
-
-
-class _RecordingModel:
-    """A stand-in STDiT2: epsilon = 0.1 x, variance channels 0; remembers inputs."""
-
-    def __init__(self) -> None:
-        self.inputs: list[np.ndarray] = []
-        self.x_masks: list[np.ndarray | None] = []
-
-    def __call__(self, x, timestep, y, mask=None, x_mask=None, **kwargs):
-        self.inputs.append(x.asnumpy())
-        self.x_masks.append(None if x_mask is None else x_mask.asnumpy())
-        return ops.concat([0.1 * x, ops.zeros_like(x)], axis=1)
-
-
-def _text_args(batch: int) -> tuple[dict, ms.Tensor]:
-    rng = np.random.default_rng(3)
-    y = ms.Tensor(rng.standard_normal((batch, 1, 5, 8)).astype(np.float32))
-    y_null = ms.Tensor(rng.standard_normal((batch, 1, 5, 8)).astype(np.float32))
-    return {"y": y, "mask": ms.Tensor(np.ones((batch, 5), np.int32))}, y_null
-
-
-def test_all_ones_frame_mask_samples_like_the_plain_scheduler() -> None:
-    diffusion = IDDPM(num_sampling_steps=4)
-    z = np.random.default_rng(0).standard_normal((1, 4, 3, 2, 2)).astype(np.float32)
-    model_args, y_null = _text_args(1)
-    plain = diffusion.sample_from_embeddings(_RecordingModel(), ms.Tensor(z), model_args, y_null,
-                                             generator=7, progress=False)
-    masked = sample_with_frame_mask(diffusion, _RecordingModel(), z, np.ones((1, 3)),
-                                    model_args, y_null, generator=7)
-    np.testing.assert_allclose(masked.asnumpy(), plain.asnumpy(), rtol=0, atol=1e-6)
-
-
-def test_sampling_keeps_conditions_and_renoises_edited_frames_once() -> None:
-    steps = 8
-    diffusion = IDDPM(num_sampling_steps=steps)
-    refs = [[_reference(2, 0.5) * 0.1]]
-    z0 = np.random.default_rng(1).standard_normal((1, 4, 4, 2, 3)).astype(np.float32)
-    cond = apply_mask_strategy(z0, refs, ["0,0,0,0,1;0,0,1,3,1,0.5"])
-    model = _RecordingModel()
-    model_args, y_null = _text_args(1)
-    out = sample_with_frame_mask(diffusion, model, cond.z, cond.frame_mask, model_args, y_null,
-                                 generator=2)
-    assert out.shape == (1, 4, 4, 2, 3) and len(model.inputs) == steps
-    ref0, ref1 = refs[0][0][:, 0], refs[0][0][:, 1]
-    for i, (x, x_mask) in enumerate(zip(model.inputs, model.x_masks)):
-        t = steps - 1 - i
-        assert x_mask.shape == (2, 4)  # doubled for classifier-free guidance
-        np.testing.assert_array_equal(x_mask[0], [False, True, True, t < 4])
-        if t > 0:  # frame 0 (edit ratio 0) reaches the model clean at every step but the last
-            np.testing.assert_array_equal(x[0, :, 0], ref0)
-        else:
-            assert not np.array_equal(x[0, :, 0], ref0)
-        if t > 4:  # frame 3 (edit ratio 0.5) is clean down to k = 4, then re-noised
-            np.testing.assert_array_equal(x[0, :, 3], ref1)
-        else:  # re-noised at t = 4, then generated from there
-            assert 0 < np.abs(x[0, :, 3] - ref1).max()
-    # the condition frame comes out close to its reference (one t = 0 denoising step)
-    assert np.abs(out.asnumpy()[0, :, 0] - ref0).max() < 0.05
-
-
-# ---------------------------------------------------------------------------------------------
 # loops
 
 
@@ -330,104 +245,6 @@ def test_collect_references_reads_images_and_videos(tmp_path) -> None:
     with pytest.raises(ValueError, match="not found"):
         collect_references_batch([str(tmp_path / "missing.mp4")], _PoolingVAE(), (16, 16))
 
-
-# ---------------------------------------------------------------------------------------------
-# MaskGenerator
-
-
-def test_default_ratios_are_open_sora_1_1s() -> None:
-    generator = MaskGenerator()
-    assert generator.mask_ratios == DEFAULT_MASK_RATIOS
-    assert sum(DEFAULT_MASK_RATIOS.values()) == pytest.approx(1.0)
-    legacy = {f"mask_{k}" if k != "identity" else "mask_no": v
-              for k, v in DEFAULT_MASK_RATIOS.items()}
-    assert set(legacy) <= set(LEGACY_MASK_NAMES)
-    assert MaskGenerator(legacy).mask_ratios == DEFAULT_MASK_RATIOS
-
-
-def test_type_frequencies_match_ratios() -> None:
-    ratios = {"identity": 0.5, "quarter_head": 0.1, "image_tail": 0.15, "intepolate": 0.05,
-              "random": 0.2}
-    generator = MaskGenerator(ratios, seed=11)
-    draws = 20000
-    names = [generator.draw_type() for _ in range(draws)]
-    observed = np.array([names.count(n) for n in ratios], np.float64)
-    expected = np.array(list(ratios.values())) * draws
-    chi2 = float(((observed - expected) ** 2 / expected).sum())
-    assert chi2 < 20.5, f"chi-square {chi2:.1f} with 4 degrees of freedom (p < 0.0005)"
-    assert set(names) == set(ratios)
-
-
-def test_mask_fraction_follows_default_ratios() -> None:
-    masks = MaskGenerator(seed=5).get_masks(4000, 16)
-    assert masks.shape == (4000, 16) and masks.dtype == bool
-    unmasked = masks.all(axis=1).mean()
-    assert abs(unmasked - 0.75) < 0.03
-
-
-@pytest.mark.parametrize("num_frames", [4, 9, 16])
-def test_each_type_conditions_the_right_frames(num_frames: int) -> None:
-    gen = MaskGenerator(seed=0)
-    quarter = max(1, num_frames // 4)
-    for _ in range(50):
-        for name in MASK_TYPES:
-            mask = gen.make_mask(name, num_frames)
-            assert mask.shape == (num_frames,) and mask.any()
-            cond = np.flatnonzero(~mask)
-            if name == "identity":
-                assert cond.size == 0
-            elif name == "image_head":
-                assert cond.tolist() == [0]
-            elif name == "image_tail":
-                assert cond.tolist() == [num_frames - 1]
-            elif name == "image_head_tail":
-                assert cond.tolist() == [0, num_frames - 1]
-            elif name == "image_random":
-                assert cond.size == 1
-            elif name == "quarter_head":
-                assert 1 <= cond.size <= quarter and cond.tolist() == list(range(cond.size))
-            elif name == "quarter_tail":
-                assert 1 <= cond.size <= quarter and cond[0] == num_frames - cond.size
-            elif name == "quarter_head_tail":
-                half = cond.size // 2
-                assert cond[:half].tolist() == list(range(half))
-                assert cond[half:].tolist() == list(range(num_frames - half, num_frames))
-            elif name == "quarter_random":
-                assert 1 <= cond.size <= quarter and np.all(np.diff(cond) == 1)
-            elif name == "intepolate":
-                assert cond.tolist() in (list(range(0, num_frames, 2)),
-                                         list(range(1, num_frames, 2)))
-            elif name == "random":
-                assert cond.size < num_frames
-
-
-def test_single_frame_is_never_masked_and_seeds_reproduce() -> None:
-    assert MaskGenerator({"image_head": 1.0}).get_masks(3, 1).all()
-    a = MaskGenerator({"random": 0.5, "quarter_random": 0.5}, seed=4).get_masks(8, 12)
-    b = MaskGenerator({"random": 0.5, "quarter_random": 0.5}, seed=4).get_masks(8, 12)
-    np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.parametrize(
-    "ratios, fragment",
-    [
-        ({"identity": 0.5, "image_head": 0.4}, "must sum to 1, got 0.9"),
-        ({"image_head": 0.4}, "add 'identity': 0.6"),
-        ({"identity": 0.7, "image_head": 0.6}, "must sum to 1"),
-        ({"identity": 0.9, "interpolate": 0.1}, "unknown mask type 'interpolate'"),
-        ({"identity": 1.2, "image_head": -0.2}, "must be in [0, 1]"),
-        ({"identity": 0.5, "mask_no": 0.5}, "given twice"),
-    ],
-)
-def test_bad_ratios_are_rejected(ratios: dict, fragment: str) -> None:
-    with pytest.raises(ValueError) as info:
-        MaskGenerator(ratios)
-    assert fragment in str(info.value)
-
-
-def test_unknown_type_in_make_mask_is_rejected() -> None:
-    with pytest.raises(ValueError, match="unknown mask type 'quarter'"):
-        MaskGenerator().make_mask("quarter", 8)
 
 
 def test_strategy_dataclass_is_built_from_ops() -> None:

@@ -21,14 +21,20 @@ that does not move either, however well the model denoises the last steps.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from clips import committed_tiny, training_batches
 from mindspore import Tensor
+from temporal_probe import probe_inputs, probe_timesteps
 
 from opensora.evaluation import captioned_shift
-from opensora.temporal_probe import probe_inputs, probe_timesteps
+from opensora.runtime import configure
+from opensora.schedulers.iddpm import IDDPM
+from opensora.train import decode_latents
 
 ESTIMATES = ("model", "identity", "mean")
 
@@ -123,8 +129,6 @@ def motion_by_timestep(model: object, diffusion: object, vae: object,
     """How far the shape in `model`'s clean-latent estimate moves along the captioned direction,
     decoded by `vae`, on `batches` noised to each timestep; `captions` name the clips of all
     batches in order (a moving-shapes caption with a direction each)."""
-    from opensora.train import decode_latents
-
     timesteps = probe_timesteps(diffusion, timesteps)
     captions = list(captions)
     rng = np.random.default_rng(seed)
@@ -143,3 +147,29 @@ def motion_by_timestep(model: object, diffusion: object, vae: object,
     if clips != len(captions):
         raise ValueError(f"{len(captions)} captions for {clips} clips")
     return MotionShifts(timesteps, sums / clips, data_sum / clips, clips)
+
+
+def main() -> None:
+    """Both probes on the committed tiny weights and the first training clips; writes
+    denoising_probe.json beside this file."""
+    configure()
+    preset, model, vae, text_encoder = committed_tiny()
+    batches = list(training_batches(preset, vae, text_encoder, count=2))
+    errors = x0_error_by_timestep(model, IDDPM(), batches)
+    print(errors.table())
+    captions = [str(c) for b in batches for c in b["caption"]]
+    shifts = motion_by_timestep(model, IDDPM(), vae, batches, captions)
+    print(shifts.table())
+    record = {"model": str(preset.model_path), "clips": errors.clips,
+              "x0_error": {"timesteps": list(errors.timesteps),
+                           **{k: v.tolist() for k, v in errors.errors.items()}},
+              "motion": {"timesteps": list(shifts.timesteps),
+                         "model_shift_px": shifts.model_shift.tolist(),
+                         "data_shift_px": shifts.data_shift}}
+    out = Path(__file__).with_suffix(".json")
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
-"""A small model trained with data parallel: the equivalence check and the chapter's demo.
+"""A small model trained with data parallel: the worker of the equivalence and launcher tests.
 
-`python -m opensora.parallel.demo --steps 5 --global-batch 8 --out r.npz` trains a small MLP
+`python tests/parallel_demo.py --steps 5 --global-batch 8 --out r.npz` trains a small MLP
 with AdamW on a fixed synthetic regression task. Run alone it uses the whole global batch;
 under msrun each of W workers takes its 1/W share of every global batch, averages gradients
 with AllReduce and (with --optimizer-parallel) shards the AdamW state. The final parameters
@@ -29,6 +29,7 @@ from opensora.parallel.context import ParallelInfo, init_parallel
 from opensora.parallel.data import shard_batch
 from opensora.parallel.optimizer import build_optimizer
 from opensora.parallel.rank_zero import rank_zero_only
+from opensora.runtime import configure
 
 
 class TinyMLP(nn.Cell):
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="sleep forever on this rank after init (tests the timeout)")
     parser.add_argument("--out", required=True, help=".npz written by rank 0")
     args = parser.parse_args(argv)
+    configure()
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(variants) - {"plain", "sharded"}
     if unknown:
