@@ -1,7 +1,8 @@
-"""Training speed: steps/s of the tiny (and, with --small, small) STDiT2, PyNative vs graph, and
-data loading alone (is the step waiting on data?).
+"""Training speed: steps/s and clips/s of a preset's STDiT2 step, PyNative vs graph, at one or
+more batch sizes, and data loading alone (is the step waiting on data?).
 
     .venv/bin/python tests/benchmarks/bench_train.py [--modes pynative graph] [--steps 10]
+    .venv/bin/python tests/benchmarks/bench_train.py --modes graph --batch 8 16 32 64
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--modes", nargs="+", default=["pynative", "graph"])
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, nargs="+", default=[8], help="batch sizes to time")
     parser.add_argument("--latent-folder")
     parser.add_argument("--text-folder")
     args = parser.parse_args()
@@ -65,12 +66,13 @@ def main() -> None:
     h, w = preset.image_size
     latent = (preset.model["in_channels"], preset.num_frames, h // 8, w // 8)
     for mode in args.modes:
-        first, rate = bench_step(preset.model, args.batch, latent, mode, args.steps,
-                                 preset.model_max_length)
-        print(f"{preset.name} {mode:8s} batch {args.batch} latent {latent}: first step "
-              f"{first:.1f} s, {rate:.2f} steps/s")
+        for batch in args.batch:
+            first, rate = bench_step(preset.model, batch, latent, mode, args.steps,
+                                     preset.model_max_length)
+            print(f"{preset.name} {mode:8s} batch {batch:3d} latent {latent}: first step "
+                  f"{first:.1f} s, {rate:.2f} steps/s, {rate * batch:.1f} clips/s", flush=True)
     csv_path = str(preset.tokenizer_path.parent / "video_caption.csv")
-    rate = bench_data(csv_path, args.batch, preset.num_frames, preset.image_size, args.steps,
+    rate = bench_data(csv_path, args.batch[0], preset.num_frames, preset.image_size, args.steps,
                       args.latent_folder, args.text_folder)
     source = "cached latents" if args.latent_folder else "decoded videos"
     print(f"data alone ({source}): {rate:.2f} batches/s")
