@@ -74,7 +74,8 @@ TINY_BUCKETS = {"64": {16: [1.0, 8], 1: [0.5, 64]}}
 tiny-weights: $(STAMP)
 	$(PY) -m opensora.jobs notebooks/06_training.ipynb -o runs/tiny-weights \
 	  -p csv_path data_samples/image_video_caption.csv -p bucket_config '$(TINY_BUCKETS)' \
-	  -p steps 2400 -p lr 1e-3 -p sample_every 0 -p export_dir data_samples/models/stdit2_tiny
+	  -p max_clips 0 -p steps 2400 -p lr 1e-3 -p sample_every 0 -p sample_steps 50 \
+	  -p export_dir data_samples/models/stdit2_tiny
 
 clean:
 	rm -rf _build .pytest_cache .ruff_cache runs
