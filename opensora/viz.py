@@ -148,13 +148,13 @@ def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 120) -> Path:
 
 
 def image_slider(frames: np.ndarray, labels: Sequence[Any], description: str = "frame"):
-    """A slider over `labels` that shows the matching frame of `frames` ((N, H, W, 3) uint8 or
-    (N, H, W, 3) floats in [-1, 1]); headless, the first frame is what the page shows."""
+    """A slider over `labels` that shows the matching frame of `frames` ((N, H, W, 3) uint8);
+    headless, the first frame is what the page shows."""
     import ipywidgets as widgets  # notebooks only
 
     frames = np.asarray(frames)
-    if frames.dtype != np.uint8:
-        frames = ((np.clip(frames, -1.0, 1.0) + 1.0) * 127.5).round().astype(np.uint8)
+    if frames.dtype != np.uint8 or frames.ndim != 4:
+        raise ValueError(f"frames must be (N, H, W, 3) uint8, got {frames.dtype} {frames.shape}")
     labels = list(labels)
     if len(labels) != len(frames):
         raise ValueError(f"{len(labels)} labels for {len(frames)} frames")
