@@ -78,6 +78,7 @@ def test_conditioned_frames_are_kept(pipeline: TextToVideoPipeline) -> None:
     assert_f32_close(out[:, :, 0], x_cond[:, :, 0], 4)
 
 
+@pytest.mark.slow  # compiles or differentiates the whole model: make test only
 def test_graph_mode_samples_like_pynative(pipeline: TextToVideoPipeline) -> None:
     graph = TextToVideoPipeline(pipeline.preset, pipeline.vae, pipeline.text_encoder,
                                 pipeline.model, pipeline.scheduler, pipeline.num_frames,

@@ -80,6 +80,7 @@ def test_chunked_attention_backend_matches_reference(case) -> None:
     assert_f32_close(net(*args, None, **micro).asnumpy(), case["out"], PARITY_STEPS)
 
 
+@pytest.mark.slow  # compiles or differentiates the whole model: make test only
 def test_graph_mode_matches_pynative(model, case) -> None:
     args, micro = _inputs(case)
     x_mask = ms.Tensor(np.array([[True, False, True, True], [False, False, True, True]]))
@@ -115,6 +116,7 @@ def _loss_and_grads(recompute: bool, args, x_mask, micro) -> tuple[float, list[n
     return float(loss.asnumpy()), [g.asnumpy() for g in grads]
 
 
+@pytest.mark.slow  # compiles or differentiates the whole model: make test only
 def test_recompute_gives_the_same_gradients(case) -> None:
     args, micro = _inputs(case)
     x_mask = ms.Tensor(np.array([[True, False, True, True], [True, True, True, True]]))
