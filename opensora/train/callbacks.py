@@ -89,41 +89,48 @@ class LossHistory(Callback):
         return len(times) / max(sum(times), 1e-9)
 
 
-class LossCsv(Callback):
-    """`loss.csv`: one row per step (step, loss, seconds, epoch) across every run of a job.
+class StepCsv(Callback):
+    """A per-step csv log that continues across every run of a job.
 
     A resumed run first drops the rows a killed run logged past its checkpoint, so the file
     always continues from the step training resumes at. Rows are appended and flushed one at
-    a time: a crash loses at most the row being written."""
+    a time: a crash loses at most the row being written. Subclasses give the header and a row."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, header: Sequence[str]):
         self.path = Path(path)
+        self.header = list(header)
+
+    def row(self, record: StepRecord) -> list[Any]:
+        raise NotImplementedError
 
     def on_train_start(self, trainer: Trainer, start_step: int) -> None:
         _truncate_csv(self.path, start_step)
         if not self.path.is_file() or self.path.stat().st_size == 0:
-            _append_row(self.path, LOSS_COLUMNS)
+            _append_row(self.path, self.header)
 
     def on_step_end(self, trainer: Trainer, record: StepRecord) -> None:
-        _append_row(self.path, [record.step, repr(record.loss), f"{record.seconds:.4f}",
-                                record.epoch])
+        _append_row(self.path, self.row(record))
 
 
-class StepTimesCsv(Callback):
+class LossCsv(StepCsv):
+    """`loss.csv`: step, loss, seconds, epoch."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path, LOSS_COLUMNS)
+
+    def row(self, record: StepRecord) -> list[Any]:
+        return [record.step, repr(record.loss), f"{record.seconds:.4f}", record.epoch]
+
+
+class StepTimesCsv(StepCsv):
     """`step_times.csv` under msrun: every rank's time per step (synchronous data parallelism
     runs at the pace of the slowest rank)."""
 
     def __init__(self, path: str | os.PathLike, world_size: int):
-        self.path = Path(path)
-        self.world_size = int(world_size)
+        super().__init__(path, ["step", *(f"rank_{r}" for r in range(int(world_size)))])
 
-    def on_train_start(self, trainer: Trainer, start_step: int) -> None:
-        _truncate_csv(self.path, start_step)
-        if not self.path.is_file() or self.path.stat().st_size == 0:
-            _append_row(self.path, ["step", *(f"rank_{r}" for r in range(self.world_size))])
-
-    def on_step_end(self, trainer: Trainer, record: StepRecord) -> None:
-        _append_row(self.path, [record.step, *(f"{t:.4f}" for t in record.rank_seconds)])
+    def row(self, record: StepRecord) -> list[Any]:
+        return [record.step, *(f"{t:.4f}" for t in record.rank_seconds)]
 
 
 def _append_row(path: Path, row: Sequence[Any]) -> None:
