@@ -1,4 +1,4 @@
-"""Did the model draw what the caption asked for? Colour and motion read off the pixels.
+"""Did the model draw what the caption asked for? Colour, shape and motion read off the pixels.
 
 The moving-shapes world makes this measurable with plain image statistics, no learned metric:
 
@@ -13,6 +13,14 @@ The moving-shapes world makes this measurable with plain image statistics, no le
   `min_shift` pixels, is named by the closest of the four directions (image y grows down).
   `captioned_shift` projects the same displacement on the caption's direction: how far the
   shape went the asked-for way, in pixels.
+* **shape**: in every frame, the shape pixels are compared with a circle, a square and a
+  triangle of the same area placed on the same centroid (intersection over union); the clip's
+  shape is the outline that fits most frames best;
+* **coherence**: a frame is coherent when its shape pixels form one connected blob (specks under
+  `min_pixels` aside, holding at most a tenth of the pixels) whose area is within half to twice
+  the clip's median area: a sample that splits, smears or vanishes fails it;
+* **background error**: the largest channel difference (0..255) between the clip's background
+  and the colour its caption names.
 
 A clip with too few shape pixels or too little movement gets None, which counts as wrong.
 """
@@ -23,8 +31,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
-from opensora.data.synthetic import COLORS, DIRECTIONS, parse_caption
+from opensora.data.synthetic import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, parse_caption
+from opensora.data.synthetic import shape_mask as outline_mask
 from opensora.data.video import to_uint8_frames
 
 
@@ -111,6 +121,63 @@ def motion_direction(frames: np.ndarray, threshold: float = 60.0, min_pixels: in
     return names[int(np.argmax(scores))]
 
 
+# Half-extent of each outline per unit area, and where its centroid sits below its centre
+# (the apex-up triangle's mass lies low), both in units of the half-extent (synthetic.py).
+_AREA_PER_HALF2 = {"circle": np.pi, "square": (2 * 0.85) ** 2, "triangle": 2.0}
+_CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1.0 / 3.0}
+
+
+def frame_shape(mask: np.ndarray, min_pixels: int = 10) -> str | None:
+    """The outline (circle, square, triangle) of the same area and centroid that overlaps the
+    frame's shape pixels best; None with fewer than `min_pixels` of them."""
+    area = int(mask.sum())
+    if area < min_pixels:
+        return None
+    ys, xs = np.mgrid[: mask.shape[0], : mask.shape[1]]
+    cx, cy = (xs[mask].mean() + 0.5, ys[mask].mean() + 0.5)
+    px, py = xs + 0.5, ys + 0.5
+    best, best_iou = None, -1.0
+    for shape in SHAPES:
+        half = float(np.sqrt(area / _AREA_PER_HALF2[shape]))
+        template = outline_mask(shape, px, py, cx, cy - _CENTROID_DROP[shape] * half, half)
+        iou = (template & mask).sum() / max((template | mask).sum(), 1)
+        if iou > best_iou:
+            best, best_iou = shape, float(iou)
+    return best
+
+
+def clip_shape(frames: np.ndarray, threshold: float = 60.0, min_pixels: int = 10) -> str | None:
+    """The outline that fits the most frames (`frame_shape`); None when no frame has a shape."""
+    votes = [frame_shape(m, min_pixels) for m in shape_mask(frames, threshold)]
+    votes = [v for v in votes if v is not None]
+    if not votes:
+        return None
+    return max(SHAPES, key=votes.count)
+
+
+def coherent_frames(frames: np.ndarray, threshold: float = 60.0,
+                    min_pixels: int = 10) -> np.ndarray:
+    """(T,) True where the frame shows one connected blob of about the clip's usual area."""
+    blobs, areas = [], []
+    for mask in shape_mask(frames, threshold):
+        labels, count = ndimage.label(mask)
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+        big = sizes[sizes >= min_pixels]
+        one = len(big) == 1 and sizes.sum() - big.sum() <= 0.1 * sizes.sum()
+        blobs.append(one)
+        areas.append(float(big[0]) if one else 0.0)
+    areas = np.asarray(areas)
+    typical = np.median(areas[areas > 0]) if (areas > 0).any() else 0.0
+    steady = (areas >= 0.5 * typical) & (areas <= 2.0 * typical) & (areas > 0)
+    return np.asarray(blobs) & steady
+
+
+def background_error(frames: np.ndarray, background: str) -> float:
+    """Largest channel difference (0..255) between the clip's background and `background`."""
+    want = np.asarray(BACKGROUNDS[background], np.float32)
+    return float(np.abs(background_color(frames) - want).max())
+
+
 @dataclass(frozen=True)
 class ClipScore:
     caption: str
@@ -118,6 +185,10 @@ class ClipScore:
     got_color: str | None
     want_direction: str | None
     got_direction: str | None
+    want_shape: str | None = None
+    got_shape: str | None = None
+    coherence: float = 0.0  # fraction of frames with one steady blob
+    background_error: float = float("nan")  # 0..255; NaN when the caption names no background
 
     @property
     def color_ok(self) -> bool:
@@ -127,13 +198,25 @@ class ClipScore:
     def motion_ok(self) -> bool:
         return self.got_direction is not None and self.got_direction == self.want_direction
 
+    @property
+    def shape_ok(self) -> bool:
+        return self.got_shape is not None and self.got_shape == self.want_shape
 
-def score_clip(clip: np.ndarray, caption: str, **kwargs: float) -> ClipScore:
+
+def score_clip(clip: np.ndarray, caption: str, threshold: float = 60.0, min_pixels: int = 10,
+               min_shift: float = 2.0) -> ClipScore:
     frames = as_uint8_frames(clip)
     want = parse_caption(caption)
-    return ClipScore(caption, want["color"], dominant_color(frames, **{
-        k: v for k, v in kwargs.items() if k in ("threshold", "min_pixels")}),
-        want["direction"], motion_direction(frames, **kwargs))
+    return ClipScore(
+        caption, want["color"], dominant_color(frames, threshold, min_pixels),
+        want["direction"], motion_direction(frames, threshold, min_pixels, min_shift),
+        want["shape"], clip_shape(frames, threshold, min_pixels),
+        float(coherent_frames(frames, threshold, min_pixels).mean()),
+        background_error(frames, want["background"]) if want["background"] else float("nan"))
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else 0.0
 
 
 @dataclass(frozen=True)
@@ -142,25 +225,51 @@ class Scores:
 
     @property
     def color_accuracy(self) -> float:
-        return float(np.mean([c.color_ok for c in self.clips])) if self.clips else 0.0
+        return _mean([c.color_ok for c in self.clips])
 
     @property
     def motion_accuracy(self) -> float:
-        return float(np.mean([c.motion_ok for c in self.clips])) if self.clips else 0.0
+        return _mean([c.motion_ok for c in self.clips])
+
+    @property
+    def shape_accuracy(self) -> float:
+        return _mean([c.shape_ok for c in self.clips])
+
+    @property
+    def coherence(self) -> float:
+        """Fraction of all frames that show one steady blob."""
+        return _mean([c.coherence for c in self.clips])
+
+    @property
+    def background_error(self) -> float:
+        """Mean over clips of the background's largest channel error (0..255)."""
+        errors = [c.background_error for c in self.clips if np.isfinite(c.background_error)]
+        return _mean(errors) if errors else float("nan")
+
+    def summary(self) -> dict[str, float]:
+        return {"color_accuracy": self.color_accuracy, "motion_accuracy": self.motion_accuracy,
+                "shape_accuracy": self.shape_accuracy, "coherence": self.coherence,
+                "background_error": self.background_error, "clips": len(self.clips)}
 
     def table(self) -> str:
-        lines = [f"{'caption':52s} {'colour':>14s} {'motion':>14s}"]
+        lines = [f"{'caption':52s} {'colour':>14s} {'shape':>14s} {'motion':>14s} "
+                 f"{'coherent':>8s} {'bg err':>6s}"]
+
+        def cell(got: str | None, ok: bool) -> str:
+            return f"{str(got):>8s} {'ok' if ok else '--':>5s}"
+
         for c in self.clips:
-            color_mark = "ok" if c.color_ok else "--"
-            motion_mark = "ok" if c.motion_ok else "--"
-            lines.append(f"{c.caption[:52]:52s} {str(c.got_color):>8s} {color_mark:>5s}"
-                         f" {str(c.got_direction):>8s} {motion_mark:>5s}")
-        lines.append(f"colour {self.color_accuracy:.0%}   motion {self.motion_accuracy:.0%}")
+            lines.append(f"{c.caption[:52]:52s} {cell(c.got_color, c.color_ok)} "
+                         f"{cell(c.got_shape, c.shape_ok)} {cell(c.got_direction, c.motion_ok)} "
+                         f"{c.coherence:8.0%} {c.background_error:6.1f}")
+        lines.append(f"colour {self.color_accuracy:.0%}   shape {self.shape_accuracy:.0%}   "
+                     f"motion {self.motion_accuracy:.0%}   coherent frames {self.coherence:.0%}"
+                     f"   background error {self.background_error:.1f}/255")
         return "\n".join(lines)
 
 
 def score_clips(clips: Sequence[np.ndarray], captions: Sequence[str], **kwargs: float) -> Scores:
-    """Colour and motion accuracy of generated clips against their captions."""
+    """Colour, shape, motion, coherence and background of generated clips against captions."""
     if len(clips) != len(captions):
         raise ValueError(f"{len(clips)} clips but {len(captions)} captions")
     return Scores([score_clip(clip, caption, **kwargs) for clip, caption in zip(clips, captions)])

@@ -1,4 +1,4 @@
-"""Colour and motion read off pixels: right on the real clips, None on clips without a shape."""
+"""Colour, shape, motion, coherence and background read off pixels: right on real clips."""
 
 from __future__ import annotations
 
@@ -8,10 +8,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from opensora.data.synthetic import ClipSpec, render_clip
+from opensora.data.synthetic import (
+    BACKGROUNDS,
+    COLORS,
+    DIRECTIONS,
+    SHAPES,
+    ClipSpec,
+    random_spec,
+    render_clip,
+)
 from opensora.data.video import read_video
 from opensora.evaluation import (
+    background_error,
     captioned_shift,
+    clip_shape,
+    coherent_frames,
     continuation,
     dominant_color,
     motion_direction,
@@ -29,6 +40,45 @@ def test_heldout_clips_score_perfectly() -> None:
     scores = score_clips(clips, [r["caption"] for r in rows])
     assert scores.color_accuracy == 1.0, scores.table()
     assert scores.motion_accuracy == 1.0, scores.table()
+    assert scores.shape_accuracy == 1.0, scores.table()
+    assert scores.coherence == 1.0, scores.table()
+    assert scores.background_error <= 10.0, scores.table()  # H.264 shifts flat colours a little
+
+
+def test_every_rendered_combination_reads_back_its_caption() -> None:
+    rng = np.random.default_rng(1)
+    specs = [random_spec(rng, c, s, d, b) for c in COLORS for s in SHAPES for d in DIRECTIONS
+             for b in BACKGROUNDS]
+    scores = score_clips([render_clip(s) for s in specs], [s.caption for s in specs])
+    assert scores.summary() == {"color_accuracy": 1.0, "motion_accuracy": 1.0,
+                                "shape_accuracy": 1.0, "coherence": 1.0,
+                                "background_error": 0.0, "clips": len(specs)}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_shape_is_the_best_fitting_outline(shape: str) -> None:
+    spec = ClipSpec("green", shape, "down", "gray", (30.0, 20.0), 1.0, 8.0)
+    frames = render_clip(spec, num_frames=6)
+    assert clip_shape(frames) == shape
+    assert clip_shape(np.full_like(frames, 120)) is None
+
+
+def test_coherence_fails_split_vanishing_and_swelling_frames() -> None:
+    spec = ClipSpec("red", "circle", "right", "black", (16.0, 32.0), 2.0, 6.0)
+    frames = render_clip(spec, num_frames=8)
+    assert coherent_frames(frames).all()
+    broken = frames.copy()
+    broken[1, 5:12, 50:57] = COLORS["red"]  # a second blob
+    broken[3] = 0  # the shape vanishes
+    broken[5, 10:60, 5:60] = COLORS["red"]  # the shape swells to most of the frame
+    assert coherent_frames(broken).tolist() == [True, False, True, False, True, False, True,
+                                                 True]
+
+
+def test_background_error_is_the_largest_channel_difference() -> None:
+    frames = np.full((2, 16, 16, 3), (118, 125, 120), np.uint8)
+    assert background_error(frames, "gray") == 5.0
+    assert background_error(frames, "white") == 137.0
 
 
 @pytest.mark.parametrize("color,direction,background", [

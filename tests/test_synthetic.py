@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from opensora.data import synthetic
 from opensora.data.video import read_frames
@@ -28,7 +29,8 @@ def test_rendering_is_deterministic_and_matches_caption() -> None:
         background = synthetic.BACKGROUNDS[spec.background]
         motion = _centroid(frames[-1], background) - _centroid(frames[0], background)
         step = np.array(synthetic.DIRECTIONS[spec.direction])
-        assert motion @ step > 25, (spec.caption, motion)  # moved the captioned way
+        # moved the captioned way, at least half the frame (about five latent pixels)
+        assert motion @ step >= synthetic.TRAVEL[0] * 64 - 1, (spec.caption, motion)
         assert abs(motion @ step[::-1]) < 3  # and not sideways
         colour = frames[0][np.abs(frames[0].astype(int) - background).sum(-1) > 200].mean(0)
         assert np.abs(colour - synthetic.COLORS[spec.color]).max() < 40
@@ -106,3 +108,20 @@ def test_committed_stills_are_frames_of_training_clips(tmp_path: Path) -> None:
     with (DATA_SAMPLES / "video_caption.csv").open() as handle:
         videos = list(csv.DictReader(handle))
     assert joint == committed + videos
+
+
+def test_a_frame_too_small_for_the_travel_is_refused() -> None:
+    rng = np.random.default_rng(0)
+    spec = synthetic.random_spec(rng, "red", "circle", "left", "black", num_frames=16, size=64)
+    assert synthetic.TRAVEL[0] * 64 <= spec.speed * 15 <= synthetic.TRAVEL[1] * 64
+    with pytest.raises(ValueError, match="cannot hold"):
+        synthetic.random_spec(rng, "red", "circle", "left", "black", num_frames=16, size=24)
+
+
+def test_a_large_world_cycles_every_training_combination() -> None:
+    train, _ = synthetic.plan_dataset(num_clips=80)
+    combos = [(s.color, s.shape, s.direction) for s in train]
+    allowed = len(synthetic.COLORS) * len(synthetic.SHAPES) * len(synthetic.DIRECTIONS) - len(
+        synthetic.HELDOUT)
+    assert len(set(combos)) == allowed and all(combos.count(c) == 2 for c in set(combos))
+    assert not set(combos) & set(synthetic.HELDOUT)

@@ -83,8 +83,9 @@ def still_caption_for(color: str, shape: str, background: str) -> str:
     return f"a {color} {shape} on a {background} background"
 
 
-def _shape_mask(shape: str, xs: np.ndarray, ys: np.ndarray, cx: float, cy: float,
-                half: float) -> np.ndarray:
+def shape_mask(shape: str, xs: np.ndarray, ys: np.ndarray, cx: float, cy: float,
+               half: float) -> np.ndarray:
+    """True inside `shape` of half-extent `half` centred on (cx, cy), at coordinates xs, ys."""
     dx, dy = xs - cx, ys - cy
     if shape == "circle":
         return dx * dx + dy * dy <= half * half
@@ -106,24 +107,35 @@ def render_frame(spec: ClipSpec, t: int, size: int = 64, supersample: int = 4) -
     step_x, step_y = DIRECTIONS[spec.direction]
     cx = spec.start[0] + step_x * spec.speed * t
     cy = spec.start[1] + step_y * spec.speed * t
-    mask = _shape_mask(spec.shape, xs, ys, cx, cy, spec.half_size)
+    mask = shape_mask(spec.shape, xs, ys, cx, cy, spec.half_size)
     coverage = mask.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
     image = background + coverage[..., None] * (color - background)
     return np.round(image).astype(np.uint8)
 
 
-def render_clip(spec: ClipSpec, num_frames: int = 32, size: int = 64,
+def render_clip(spec: ClipSpec, num_frames: int = 16, size: int = 64,
                 supersample: int = 4) -> np.ndarray:
     """(T, H, W, 3) uint8 frames."""
     return np.stack([render_frame(spec, t, size, supersample) for t in range(num_frames)])
 
 
-def _random_spec(rng: np.random.Generator, color: str, shape: str, direction: str,
-                 background: str, num_frames: int, size: int) -> ClipSpec:
-    half = float(rng.uniform(7.0, 10.0))
-    speed = float(rng.uniform(1.0, 1.3))
-    travel = speed * (num_frames - 1)
+# Motion must survive the 8x VAE: a shape travels TRAVEL of the frame's side over a clip, about
+# five latent pixels at 64 px, so one direction differs from another by whole patches.
+TRAVEL = (0.5, 0.6)
+HALF_SIZE = (7.0, 10.0)  # half the shape's extent, pixels: the sizes the tiny VAE was trained on
+
+
+def random_spec(rng: np.random.Generator, color: str, shape: str, direction: str,
+                background: str, num_frames: int = 16, size: int = 64) -> ClipSpec:
+    """A clip of the given attributes at a random size, speed and start that keep the shape
+    in frame while it travels TRAVEL of the frame."""
+    half = float(rng.uniform(*HALF_SIZE))
+    travel = float(rng.uniform(*TRAVEL)) * size
+    speed = travel / max(num_frames - 1, 1)
     margin = half + 1.0
+    if 2 * margin + travel > size:
+        raise ValueError(f"a {size}px frame cannot hold a {2 * half:.0f}px shape travelling "
+                         f"{travel:.0f}px")
     step_x, step_y = DIRECTIONS[direction]
 
     def along(step: int) -> float:  # start far enough back that the shape stays in frame
@@ -138,7 +150,7 @@ def _random_spec(rng: np.random.Generator, color: str, shape: str, direction: st
                     half)
 
 
-def plan_dataset(num_clips: int = 64, num_frames: int = 32, size: int = 64,
+def plan_dataset(num_clips: int = 64, num_frames: int = 16, size: int = 64,
                  seed: int = 0) -> tuple[list[ClipSpec], list[ClipSpec]]:
     """Training clips (held-out combinations excluded) and one clip per held-out combination.
 
@@ -153,21 +165,36 @@ def plan_dataset(num_clips: int = 64, num_frames: int = 32, size: int = 64,
     for i in range(num_clips):
         color, shape, direction = allowed[order[i % len(allowed)]]
         background = backgrounds[int(rng.integers(len(backgrounds)))]
-        train.append(_random_spec(rng, color, shape, direction, background, num_frames, size))
+        train.append(random_spec(rng, color, shape, direction, background, num_frames, size))
     heldout = [
-        _random_spec(rng, color, shape, direction, backgrounds[i % len(backgrounds)], num_frames,
+        random_spec(rng, color, shape, direction, backgrounds[i % len(backgrounds)], num_frames,
                      size)
         for i, (color, shape, direction) in enumerate(HELDOUT)
     ]
     return train, heldout
 
 
-def plan_stills(train: list[ClipSpec], num_images: int, num_frames: int = 32,
+def plan_stills(train: list[ClipSpec], num_images: int, num_frames: int = 16,
                 seed: int = 0) -> list[tuple[ClipSpec, int]]:
     """(training clip, frame index) for each still: frames of the training clips only, so no
     held-out clip is ever seen, cycling through the clips in order."""
     rng = np.random.default_rng([seed, 7])
     return [(train[i % len(train)], int(rng.integers(num_frames))) for i in range(num_images)]
+
+
+def training_captions(count: int = 8) -> list[str]:
+    """`count` captions of combinations seen in training, colours, directions, shapes and
+    backgrounds in turn (every direction twice per colour cycle at the default 8): the
+    training-set half of the tiny preset's evaluation."""
+    colors, shapes, directions = list(COLORS), list(SHAPES), list(DIRECTIONS)
+    backgrounds = list(BACKGROUNDS)
+    captions = []
+    for i in range(count):
+        color, direction = colors[i % len(colors)], directions[(i + i // 4) % len(directions)]
+        shape = next(shapes[(i + k) % len(shapes)] for k in range(len(shapes))
+                     if (color, shapes[(i + k) % len(shapes)], direction) not in HELDOUT)
+        captions.append(caption_for(color, shape, direction, backgrounds[i % len(backgrounds)]))
+    return captions
 
 
 def parse_caption(caption: str) -> dict[str, str]:
@@ -190,7 +217,7 @@ def _write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
         writer.writerows(rows)
 
 
-def write_dataset(out: str | Path, num_clips: int = 64, num_frames: int = 32, size: int = 64,
+def write_dataset(out: str | Path, num_clips: int = 64, num_frames: int = 16, size: int = 64,
                   fps: int = 8, seed: int = 0, num_images: int = 512) -> dict[str, Path]:
     """Render every clip to mp4 and every still to png, and write the captions csvs (paths
     relative to the csv): videos, held-out videos, stills, and stills + videos together (the
@@ -232,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="data_samples")
     parser.add_argument("--num-clips", type=int, default=64)
-    parser.add_argument("--num-frames", type=int, default=32)
+    parser.add_argument("--num-frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)

@@ -20,8 +20,9 @@ from opensora.train import TrainStep, micro_condition_arrays, seed_everything
 
 
 def bench_step(model_kwargs: dict, batch: int, latent: tuple[int, int, int, int], mode: str,
-               steps: int, caption_len: int) -> tuple[float, float]:
-    """(first-step seconds incl. compilation, steady steps per second)."""
+               steps: int, caption_len: int, warmup: int = 3) -> tuple[float, float]:
+    """(first-step seconds incl. compilation, steady steps per second after `warmup` more
+    untimed steps: graph mode's first steps after compiling still run slow)."""
     seed_everything(0)
     model = STDiT2(**model_kwargs)
     step = TrainStep(model, IDDPM(), lr=1e-4, mode=mode)
@@ -33,6 +34,8 @@ def bench_step(model_kwargs: dict, batch: int, latent: tuple[int, int, int, int]
     began = time.perf_counter()
     step(x, y.astype(np.float32), mask, rng, **micro)
     first = time.perf_counter() - began
+    for _ in range(warmup):
+        step(x, y.astype(np.float32), mask, rng, **micro)
     began = time.perf_counter()
     for _ in range(steps):
         step(x, y.astype(np.float32), mask, rng, **micro)
@@ -56,7 +59,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--modes", nargs="+", default=["pynative", "graph"])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
     parser.add_argument("--batch", type=int, nargs="+", default=[8], help="batch sizes to time")
     parser.add_argument("--latent-folder")
     parser.add_argument("--text-folder")
@@ -68,7 +72,7 @@ def main() -> None:
     for mode in args.modes:
         for batch in args.batch:
             first, rate = bench_step(preset.model, batch, latent, mode, args.steps,
-                                     preset.model_max_length)
+                                     preset.model_max_length, args.warmup)
             print(f"{preset.name} {mode:8s} batch {batch:3d} latent {latent}: first step "
                   f"{first:.1f} s, {rate:.2f} steps/s, {rate * batch:.1f} clips/s", flush=True)
     csv_path = str(preset.tokenizer_path.parent / "video_caption.csv")
