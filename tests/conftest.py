@@ -24,7 +24,7 @@ from opensora.train import caption_embeddings, micro_condition_arrays
 
 ROOT = Path(__file__).resolve().parent.parent
 configure()  # as the CLIs and notebooks do: the suite tests the runtime users get
-BOOK_SOURCES = ("book", "notebooks", "_config.yml", "_toc.yml")
+BOOK_SOURCES = ("book", "notebooks", "research", "_config.yml", "_toc.yml")  # research: records
 
 
 @dataclass
