@@ -183,7 +183,7 @@ class TextToVideoPipeline:
         text_encoder = T5Encoder(t5_path, tokenizer_path,
                                  model_max_length=preset.model_max_length)
         scheduler = IDDPM(num_sampling_steps=num_sampling_steps, cfg_scale=cfg_scale,
-                          cfg_channel=cfg_channel)
+                          cfg_channel=cfg_channel, noise_schedule=preset.noise_schedule)
         return cls(preset, vae, text_encoder, model, scheduler, num_frames, image_size, fps,
                    sampler, mode)
 

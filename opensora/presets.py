@@ -37,6 +37,7 @@ class Preset:
     frame_interval: int = 1
     model_max_length: int = 16
     vae_micro_batch_size: int | None = None
+    noise_schedule: str = "linear"  # IDDPM beta schedule the transformer is trained / sampled on
     extra: dict[str, Any] = field(default_factory=dict)
 
     def with_paths(self, **paths: str | Path | None) -> Preset:

@@ -155,10 +155,11 @@ def main() -> None:
     configure()
     preset, model, vae, text_encoder = committed_tiny()
     batches = list(training_batches(preset, vae, text_encoder, count=2))
-    errors = x0_error_by_timestep(model, IDDPM(), batches)
+    diffusion = IDDPM(noise_schedule=preset.noise_schedule)
+    errors = x0_error_by_timestep(model, diffusion, batches)
     print(errors.table())
     captions = [str(c) for b in batches for c in b["caption"]]
-    shifts = motion_by_timestep(model, IDDPM(), vae, batches, captions)
+    shifts = motion_by_timestep(model, diffusion, vae, batches, captions)
     print(shifts.table())
     record = {"model": str(preset.model_path), "clips": errors.clips,
               "x0_error": {"timesteps": list(errors.timesteps),

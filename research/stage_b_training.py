@@ -38,7 +38,7 @@ def coherence_as_noise_falls(captions: list[str]) -> dict[str, float]:
     kwargs = {"y": Tensor(y[:, None]), "mask": Tensor(mask.astype(np.int32)),
               **{k: Tensor(v) for k, v in micro_condition_arrays(
                   len(specs), preset.num_frames, preset.image_size, preset.fps).items()}}
-    diffusion = IDDPM()
+    diffusion = IDDPM(noise_schedule=preset.noise_schedule)
     out = {}
     for t in TIMESTEPS:
         t_batch = Tensor(np.full(len(x), t, np.int32))

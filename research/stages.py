@@ -69,7 +69,8 @@ def sample_scores(captions: Sequence[str], seeds: Sequence[int], model_path: Pat
     for seed in seeds:
         score, clip = evaluate_captions(model, vae, text_encoder, captions, preset.num_frames,
                                         preset.image_size, preset.fps, num_sampling_steps=50,
-                                        seed=seed, batch_size=8, graph=True)
+                                        seed=seed, batch_size=8, graph=True,
+                                        noise_schedule=preset.noise_schedule)
         scores.append(score)
         clips.append(clip)
     return scores, np.stack(clips)

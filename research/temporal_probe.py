@@ -134,7 +134,8 @@ def main() -> None:
     configure()
     preset, model, vae, text_encoder = committed_tiny()
     batches = training_batches(preset, vae, text_encoder, count=3)
-    result = temporal_probe(model, IDDPM(), batches, timesteps=(100, 300, 500, 700))
+    diffusion = IDDPM(noise_schedule=preset.noise_schedule)
+    result = temporal_probe(model, diffusion, batches, timesteps=(100, 300, 500, 700))
     print(result.table())
     record = {"model": str(preset.model_path), "clips": result.clips,
               "timesteps": list(result.timesteps),

@@ -398,6 +398,11 @@ def test_bad_arguments_are_named():
         IDDPM(num_sampling_steps=10, timestep_respacing="20")
     with pytest.raises(ValueError, match="unknown noise_schedule"):
         IDDPM(noise_schedule="cosine")
+    # the cosine schedule's last beta (0.999 over one step) tends to 1 over a long stride
+    with pytest.raises(ValueError, match="rounds to 1 in float32.*more sampling steps"):
+        IDDPM(num_sampling_steps=3, noise_schedule="squaredcos_cap_v2")
+    cosine = IDDPM(num_sampling_steps=10, noise_schedule="squaredcos_cap_v2")
+    assert np.isfinite(cosine.sqrt_recip_alphas_cumprod).all()
     diffusion = IDDPM(num_sampling_steps=2)
     x = Tensor(np.zeros((1, 2, 3, 2, 2), np.float32))
     t = Tensor(np.zeros(1, np.int32))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,10 @@ from opensora.checkpoint import CheckpointError, save_state_dict
 from opensora.data.video import video_info
 from opensora.models.vae import AutoencoderKL
 from opensora.pipeline import Latents, TextEmbeddings, TextToVideoPipeline, video_file_name
-from opensora.presets import build_model
+from opensora.presets import build_model, get_preset
 from opensora.sample import main as sample_main
 from opensora.sample import read_prompts
+from opensora.schedulers.iddpm import IDDPM
 
 PROMPTS = ["a red circle moving left on a black background",
            "a blue square moving up on a white background"]
@@ -33,6 +35,17 @@ def pipeline(vae_folder: Path) -> TextToVideoPipeline:
     return TextToVideoPipeline.from_preset("tiny", vae_path=vae_folder, num_sampling_steps=3,
                                            num_frames=4, image_size=(32, 32),
                                            allow_untrained=True)
+
+
+def test_the_scheduler_follows_the_preset_noise_schedule(vae_folder: Path) -> None:
+    """A transformer trained under one beta schedule must be sampled under the same one."""
+    cosine = replace(get_preset("tiny"), noise_schedule="squaredcos_cap_v2")
+    pipe = TextToVideoPipeline.from_preset(cosine, vae_path=vae_folder, num_sampling_steps=10,
+                                           allow_untrained=True)
+    expected = IDDPM(num_sampling_steps=10, noise_schedule="squaredcos_cap_v2")
+    np.testing.assert_array_equal(pipe.scheduler.alphas_cumprod, expected.alphas_cumprod)
+    assert not np.array_equal(pipe.scheduler.alphas_cumprod,
+                              IDDPM(num_sampling_steps=10).alphas_cumprod)
 
 
 def test_shapes_and_files(pipeline: TextToVideoPipeline, tmp_path: Path) -> None:

@@ -61,7 +61,8 @@ def _scores(preset, captions: list[str]) -> Scores:
     for seed in SEEDS:
         scores, sampled = evaluate_captions(
             model, vae, text_encoder, captions, preset.num_frames, preset.image_size, preset.fps,
-            num_sampling_steps=50, seed=seed, batch_size=len(captions), graph=True)
+            num_sampling_steps=50, seed=seed, batch_size=len(captions), graph=True,
+            noise_schedule=preset.noise_schedule)
         assert sampled.shape == (len(captions), 3, preset.num_frames, *preset.image_size)
         print(f"seed {seed}:\n{scores.table()}")
         clips.extend(scores.clips)

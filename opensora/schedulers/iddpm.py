@@ -174,8 +174,14 @@ class DiffusionSchedule:
         for i in keep:
             betas.append(1.0 - self.alphas_cumprod[i] / last)
             last = self.alphas_cumprod[i]
-        return DiffusionSchedule.from_betas(np.asarray(betas, dtype=np.float32),
-                                            self.timestep_map[keep], dtype=np.float32)
+        betas = np.asarray(betas, dtype=np.float32)
+        if (betas >= 1.0).any():  # alpha_bar would be 0 and every 1 / alpha_bar infinite
+            raise ValueError(
+                f"respaced to {len(keep)} steps, this schedule's beta at timestep "
+                f"{self.timestep_map[keep][int(np.argmax(betas >= 1.0))]} rounds to 1 in "
+                "float32 (Open-Sora stores respaced betas in float32), so sampling would give "
+                "nan; use more sampling steps")
+        return DiffusionSchedule.from_betas(betas, self.timestep_map[keep], dtype=np.float32)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -62,9 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         image_size=preset.image_size, batch_size=args.batch_size,
         latent_folder=args.latent_folder, text_folder=args.text_folder, seed=args.seed,
         latent_scaling_factor=preset_scaling_factor(preset), warn=info.is_main)
-    step = TrainStep(model, IDDPM(), lr=args.lr, grad_clip=args.grad_clip,
-                     ema_decay=args.ema_decay, mode=args.mode, recompute=args.recompute,
-                     dtype=args.dtype, parallel=info)
+    step = TrainStep(model, IDDPM(noise_schedule=preset.noise_schedule), lr=args.lr,
+                     grad_clip=args.grad_clip, ema_decay=args.ema_decay, mode=args.mode,
+                     recompute=args.recompute, dtype=args.dtype, parallel=info)
     trainer = Trainer(step, dataset, args.output_dir, seed=args.seed,
                       ckpt_every=args.ckpt_every, num_workers=0)
     began = time.perf_counter()

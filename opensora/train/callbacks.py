@@ -231,9 +231,10 @@ class SampleCallback(Callback):
                  fps: float = 8, num_sampling_steps: int = 25, cfg_scale: float = 4.0,
                  seed: int = 0, use_ema: bool = True,
                  on_samples: Callable[[int, np.ndarray, Sequence[str]], None] | None = None,
-                 graph: bool = False):
+                 graph: bool = False, noise_schedule: str = "linear"):
         self.every = int(every)
         self.graph = graph
+        self.noise_schedule = noise_schedule
         self.y, self.mask, self.captions = y, mask, list(captions)
         self.vae = vae
         self.latent_shape = tuple(latent_shape)
@@ -264,7 +265,8 @@ class SampleCallback(Callback):
         try:
             latents = sample_latents(model, self.y, self.mask, self.latent_shape,
                                      self.image_size, self.fps, self.num_sampling_steps,
-                                     self.cfg_scale, self.seed, graph=self.graph)
+                                     self.cfg_scale, self.seed, graph=self.graph,
+                                     noise_schedule=self.noise_schedule)
         finally:
             if saved is not None:
                 load_checkpoint(model, saved, strict=True)

@@ -31,17 +31,19 @@ def micro_condition_arrays(batch: int, num_frames: int, image_size: tuple[int, i
 def sample_latents(model: nn.Cell, y: np.ndarray, mask: np.ndarray, latent_shape: Sequence[int],
                    image_size: tuple[int, int], fps: float, num_sampling_steps: int = 50,
                    cfg_scale: float = 4.0, seed: int = 0, progress: bool = False,
-                   graph: bool = False) -> np.ndarray:
+                   graph: bool = False, noise_schedule: str = "linear") -> np.ndarray:
     """Guided IDDPM sampling from caption features y (B, L, C) / mask (B, L): latents
     (B, C, T, h, w). The null caption is the model's learned one, as in Open-Sora. `graph`
-    runs the denoiser compiled (`opensora.models.compiled`)."""
+    runs the denoiser compiled (`opensora.models.compiled`); `noise_schedule` must be the one
+    the model was trained under (`Preset.noise_schedule`)."""
     was_training = model.training
     model.set_train(False)
     y = np.asarray(y, np.float32)
     if y.ndim == 3:
         y = y[:, None]
     batch = y.shape[0]
-    scheduler = IDDPM(num_sampling_steps=num_sampling_steps, cfg_scale=cfg_scale)
+    scheduler = IDDPM(num_sampling_steps=num_sampling_steps, cfg_scale=cfg_scale,
+                      noise_schedule=noise_schedule)
     null = ops.tile(model.y_embedder.y_embedding[None, None], (batch, 1, 1, 1))
     rng = np.random.default_rng(seed)
     z = Tensor(rng.standard_normal((batch, *latent_shape)).astype(np.float32))
@@ -71,9 +73,10 @@ def caption_embeddings(text_encoder: Any, captions: Sequence[str]) -> tuple[np.n
 def evaluate_captions(model: nn.Cell, vae: Any, text_encoder: Any, captions: Sequence[str],
                       num_frames: int, image_size: tuple[int, int], fps: float = 8,
                       num_sampling_steps: int = 50, cfg_scale: float = 4.0, seed: int = 0,
-                      batch_size: int = 4, graph: bool = False) -> tuple[Any, np.ndarray]:
-    """Sample one clip per caption and score colour and motion (`opensora.evaluation`);
-    `graph` samples with the compiled denoiser."""
+                      batch_size: int = 4, graph: bool = False,
+                      noise_schedule: str = "linear") -> tuple[Any, np.ndarray]:
+    """Sample one clip per caption and score it (`opensora.evaluation`); `graph` samples with
+    the compiled denoiser, under the model's `noise_schedule`."""
     latent_channels = getattr(vae, "out_channels", 4)
     factor = getattr(vae, "patch_size", (1, 8, 8))
     latent_shape = (latent_channels, num_frames, image_size[0] // factor[1],
@@ -83,7 +86,8 @@ def evaluate_captions(model: nn.Cell, vae: Any, text_encoder: Any, captions: Seq
         chunk = list(captions[start : start + batch_size])
         y, mask = caption_embeddings(text_encoder, chunk)
         latents = sample_latents(model, y, mask, latent_shape, image_size, fps,
-                                 num_sampling_steps, cfg_scale, seed + start, graph=graph)
+                                 num_sampling_steps, cfg_scale, seed + start, graph=graph,
+                                 noise_schedule=noise_schedule)
         clips.extend(decode_latents(vae, latents))
     clips = np.stack(clips)
     return score_clips(clips, captions), clips
