@@ -128,9 +128,18 @@ class TextToVideoPipeline:
         self.mode = mode
         self.denoiser = compiled_forward(model) if mode == "graph" else model
         self.scheduler = scheduler
-        self.num_frames = int(num_frames or preset.num_frames)
-        self.image_size = tuple(image_size or preset.image_size)
+        self.num_frames = int(preset.num_frames if num_frames is None else num_frames)
+        self.image_size = tuple(int(s) for s in (image_size or preset.image_size))
         self.fps = int(fps or preset.fps)
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames must be at least 1, got {self.num_frames}")
+        factor = tuple(getattr(vae, "patch_size", (1, 8, 8)))[1:]
+        if len(self.image_size) != 2 or any(
+                s < 1 or s % f for s, f in zip(self.image_size, factor)):
+            raise ValueError(
+                f"image_size must be (height, width), each a positive multiple of the VAE's "
+                f"{factor[0]}x downsampling, got {self.image_size}; e.g. "
+                f"{tuple(max(f, round(s / f) * f) for s, f in zip(self.image_size, factor))}")
         self.sampler = sampler
         text_encoder.y_embedder = model.y_embedder  # the learned null caption lives in the model
 

@@ -394,6 +394,8 @@ def test_guided_sampling_doubles_the_batch_and_keeps_conditioned_frames():
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="num_sampling_steps must be in"):
         IDDPM(num_sampling_steps=1001)
+    with pytest.raises(ValueError, match="cfg_scale must be a finite number, got nan"):
+        IDDPM(num_sampling_steps=10, cfg_scale=float("nan"))
     with pytest.raises(ValueError, match="not both"):
         IDDPM(num_sampling_steps=10, timestep_respacing="20")
     with pytest.raises(ValueError, match="unknown noise_schedule"):

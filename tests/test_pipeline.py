@@ -48,6 +48,17 @@ def test_the_scheduler_follows_the_preset_noise_schedule(vae_folder: Path) -> No
                               IDDPM(num_sampling_steps=10).alphas_cumprod)
 
 
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(num_frames=0), "num_frames must be at least 1, got 0"),
+    (dict(image_size=(63, 65)), r"multiple of the VAE's 2x downsampling, got \(63, 65\); e.g. "
+                                r"\(64, 64\)"),
+])
+def test_bad_clip_sizes_are_refused(vae_folder: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TextToVideoPipeline.from_preset("tiny", vae_path=vae_folder, num_sampling_steps=3,
+                                        allow_untrained=True, **kwargs)
+
+
 def test_shapes_and_files(pipeline: TextToVideoPipeline, tmp_path: Path) -> None:
     assert pipeline.latent_shape() == (4, 4, 16, 16)
     videos = pipeline(PROMPTS, seeds=[5, 6], output_dir=tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 
 import mindspore as ms
@@ -167,11 +168,13 @@ def test_tiny_t5_is_reproducible_and_fits_tokenizer(tmp_path: Path) -> None:
 def test_encode_shapes_mask_and_truncation(tiny_encoder: T5Encoder) -> None:
     length = TINY.model_max_length
     short, long = "a red circle", " ".join(["a red circle moving left"] * 10)
-    out = tiny_encoder.encode([short, long])
+    with pytest.warns(UserWarning, match=f"has [0-9]+ tokens; .* keeps the first {length}"):
+        out = tiny_encoder.encode([short, long])
     assert tuple(out["y"].shape) == (2, 1, length, tiny_encoder.output_dim)
     mask = out["mask"].asnumpy()
     assert mask.shape == (2, length)
-    ids, _ = tiny_encoder.t5.tokenize([short, long])
+    with pytest.warns(UserWarning, match="keeps the first"):
+        ids, _ = tiny_encoder.t5.tokenize([short, long])
     assert mask[0].sum() == 4 and ids[0, 3] == tiny_encoder.t5.tokenizer.eos_token_id
     assert (ids[0, 4:] == tiny_encoder.t5.tokenizer.pad_token_id).all()
     assert mask[1].sum() == length  # truncated to model_max_length, eos kept last
@@ -179,6 +182,12 @@ def test_encode_shapes_mask_and_truncation(tiny_encoder: T5Encoder) -> None:
     alone = tiny_encoder.encode(short)["y"].asnumpy()
     # the same caption alone and in a padded batch of two: the same model, another batch shape
     assert_f32_close(alone[0], out["y"].asnumpy()[0], 64)
+
+
+def test_world_captions_fit_without_a_warning(tiny_encoder: T5Encoder) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_encoder.t5.tokenize(_captions())
 
 
 def test_captions_remain_distinguishable(tiny_encoder: T5Encoder) -> None:

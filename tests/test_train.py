@@ -35,6 +35,7 @@ from opensora.train import (
     sample_latents,
     seed_everything,
 )
+from opensora.train.__main__ import main as train_main
 
 TINY = dict(input_sq_size=8, in_channels=4, hidden_size=24, depth=1, num_heads=2,
             caption_channels=8, model_max_length=4, qk_norm=True)
@@ -84,6 +85,16 @@ def _trainer(cached: dict[str, Path], out: Path, init_seed: int = 0, lr: float =
     step = TrainStep(STDiT2(**TINY), IDDPM(), lr=lr, ema_decay=0.9)
     kwargs.setdefault("num_workers", 0)
     return Trainer(step, _dataset(cached), out, seed=7, **kwargs)
+
+
+def test_bad_loop_settings_are_refused(cached: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="ckpt_every must be at least 1 step, got 0"):
+        _trainer(cached, tmp_path, ckpt_every=0)
+    for flag in ("--steps", "--ckpt-every"):
+        with pytest.raises(SystemExit):
+            train_main(["--latent-folder", str(cached["lat"]), "--text-folder",
+                        str(cached["txt"]), "--output-dir", str(tmp_path), flag, "0"])
+    assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
 def test_bad_rows_are_skipped_and_counted_and_training_runs(cached: dict[str, Path]) -> None:

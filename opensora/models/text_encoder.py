@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -77,9 +78,19 @@ class T5Embedder:
         return cls(model, tokenizer, model_max_length)
 
     def tokenize(self, texts: Sequence[str] | str) -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids, attention_mask), both (B, model_max_length) int32; 1 = real token."""
+        """(input_ids, attention_mask), both (B, model_max_length) int32; 1 = real token.
+
+        A text longer than model_max_length tokens is cut there, as Open-Sora does, with a
+        warning: the words beyond it never reach the model."""
+        texts = _check_texts(texts)
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        for text, length in zip(texts, lengths):
+            if length > self.model_max_length:
+                warnings.warn(f"prompt {text[:48]!r}... has {length} tokens; the text encoder "
+                              f"keeps the first {self.model_max_length} (model_max_length)",
+                              stacklevel=3)
         tokens = self.tokenizer(
-            _check_texts(texts), max_length=self.model_max_length, padding="max_length",
+            texts, max_length=self.model_max_length, padding="max_length",
             truncation=True, return_attention_mask=True, add_special_tokens=True,
         )
         ids = np.asarray(tokens["input_ids"], dtype=np.int32)

@@ -340,6 +340,8 @@ class IDDPM:
             self.loss_type = "rescaled_kl"
         else:
             self.loss_type = "rescaled_mse" if rescale_learned_sigmas else "mse"
+        if not np.isfinite(cfg_scale):
+            raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
         self.cfg_scale = float(cfg_scale)
         self.cfg_channel = cfg_channel
         self._learned_sigma = self.model_var_type == "learned_range"

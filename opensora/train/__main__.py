@@ -47,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-resume", action="store_true")
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.ckpt_every < 1:
+        parser.error(f"--ckpt-every must be at least 1, got {args.ckpt_every}")
     configure()
 
     info = init_parallel(optimizer_parallel=args.optimizer_parallel)

@@ -58,6 +58,8 @@ class Trainer:
         self.text_encoder = text_encoder
         self.seed = int(seed)
         self.ckpt_every = int(ckpt_every)
+        if self.ckpt_every < 1:
+            raise ValueError(f"ckpt_every must be at least 1 step, got {ckpt_every}")
         self.keep_last = keep_last
         self.mask_generator = mask_generator
         self.callbacks = list(callbacks)
