@@ -20,6 +20,7 @@ from typing import Any
 
 import papermill
 import yaml
+from nbclient.exceptions import CellTimeoutError
 from papermill.exceptions import PapermillExecutionError
 
 from opensora.runtime import project_root
@@ -110,11 +111,44 @@ def _read_notebook(path: str | Path) -> dict:
 
 
 def parse_value(text: str) -> Any:
-    """`-p steps 100` gives an int, `-p prompts '["a", "b"]'` a list, anything else a string."""
+    """A Python literal (`100`, `'["a", "b"]'`, `None`) or, failing that, the text itself."""
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         return text
+
+
+_CONTAINERS = (dict, list, type(None))
+
+
+def parse_parameter(name: str, text: str, default: Any) -> Any:
+    """`-p NAME TEXT` read as the type of the parameter's declared default.
+
+    A text parameter stays text (`-p mask_strategy 0` is the string "0", `0,0,0,0,1` is not a
+    tuple) unless it spells a dict, list or None, which some text parameters also accept
+    (`mask_ratios`); a number must parse as one; a bool is True / False (or 1 / 0).
+    """
+    if isinstance(default, bool):
+        spelled = {"true": True, "1": True, "false": False, "0": False}
+        if text.strip().lower() not in spelled:
+            raise JobError(f"parameter {name} is a bool (default {default!r}); got {text!r}, "
+                           "pass True or False")
+        return spelled[text.strip().lower()]
+    value = parse_value(text)
+    if isinstance(default, str):
+        return value if isinstance(value, _CONTAINERS) else text
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise JobError(f"parameter {name} is an int (default {default!r}); got {text!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise JobError(f"parameter {name} is a number (default {default!r}); got {text!r}")
+        return float(value)
+    if isinstance(default, (list, tuple)) and not isinstance(value, (list, tuple)):
+        raise JobError(f"parameter {name} is a {type(default).__name__} (default "
+                       f"{default!r}); got {text!r}, pass a Python literal such as [1, 2]")
+    return value
 
 
 def run_notebook(notebook: str | Path, parameters: Mapping[str, Any] | None = None,
@@ -152,6 +186,9 @@ def run_notebook(notebook: str | Path, parameters: Mapping[str, Any] | None = No
     except PapermillExecutionError as exc:
         raise JobError(f"{notebook.name} failed in cell {exc.exec_count}: "
                        f"{exc.ename}: {exc.evalue}\n(executed copy: {executed})") from None
+    except CellTimeoutError:
+        raise JobError(f"{notebook.name}: a cell ran longer than the {timeout} s timeout; pass a "
+                       f"larger --timeout (executed copy so far: {executed})") from None
     return JobResult(executed, output_dir, time.perf_counter() - start)
 
 
@@ -171,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             for name, value in declared_parameters(args.notebook).items():
                 print(f"{name} = {value!r}")
             return 0
-        params = {name: parse_value(value) for name, value in args.parameter}
+        declared = declared_parameters(args.notebook)
+        params = {name: parse_parameter(name, value, declared.get(name))
+                  for name, value in args.parameter}
         result = run_notebook(args.notebook, params, args.output_dir, ci=args.ci,
                               timeout=args.timeout, progress=True)
     except JobError as exc:

@@ -37,6 +37,44 @@ def test_declared_parameters_and_values(tmp_path: Path) -> None:
     assert jobs.parse_value("tiny") == "tiny"
 
 
+@pytest.mark.parametrize(("text", "default", "expected"), [
+    ("0", "", "0"),  # a mask strategy: text, never the integer 0
+    ("0,0,0,0,1", "", "0,0,0,0,1"),  # ... nor a tuple
+    ("None", "default", None), ('{"identity": 1.0}', "default", {"identity": 1.0}),
+    ("16", 8, 16), ("1e-3", 3e-4, 1e-3), ("2", 0.5, 2.0), ("false", True, False),
+    ("[1, 2]", [4], [1, 2]), ("{'a': 1}", None, {"a": 1}), ("runs/x", None, "runs/x"),
+])
+def test_parameters_take_the_declared_type(text: str, default: object, expected: object) -> None:
+    value = jobs.parse_parameter("p", text, default)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(("text", "default", "message"), [
+    ("abc", 16, "parameter p is an int .default 16.; got 'abc'"),
+    ("1.5", 16, "is an int"), ("True", 16, "is an int"), ("fast", 0.5, "is a number"),
+    ("yes", False, "is a bool .* pass True or False"), ("3", [1], "is a list"),
+])
+def test_mistyped_parameters_are_refused(text: str, default: object, message: str) -> None:
+    with pytest.raises(jobs.JobError, match=message):
+        jobs.parse_parameter("p", text, default)
+
+
+def test_cli_types_parameters_and_reports_them(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    path = _notebook(tmp_path / "nb.ipynb", WRITE)
+    assert jobs.main([str(path), "-o", str(tmp_path / "out"), "-p", "n", "x"]) == 1
+    assert "parameter n is an int (default 2); got 'x'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+    assert jobs.main([str(path), "-o", str(tmp_path / "out"), "-p", "word", "7"]) == 0
+    assert (tmp_path / "out" / "result.txt").read_text() == "77"  # "7" * 2, a string
+
+
+def test_timeout_is_a_job_error(tmp_path: Path) -> None:
+    path = _notebook(tmp_path / "nb.ipynb", "import time\ntime.sleep(30)")
+    with pytest.raises(jobs.JobError, match="longer than the 2 s timeout; pass a larger"):
+        jobs.run_notebook(path, output_dir=tmp_path / "out", timeout=2)
+
+
 def test_run_writes_into_output_dir(tmp_path: Path) -> None:
     path = _notebook(tmp_path / "nb.ipynb", WRITE, ci={"n": 1})
     result = jobs.run_notebook(path, {"word": "ab"}, tmp_path / "out", ci=True)
