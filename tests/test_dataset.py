@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from damaged_media import write_damaged_mp4
 
 from opensora.data.dataset import (
     Bucket,
@@ -57,6 +58,19 @@ def test_bad_rows_are_skipped_and_counted(video_csv: Path) -> None:
     batches = list(data.batches(0, data.steps_per_epoch()))
     assert len(batches) == 2
     assert sorted(np.concatenate([b["index"] for b in batches]).tolist()) == [0, 1, 2, 3]
+
+
+def test_a_damaged_stream_is_skipped_and_counted(tmp_path: Path) -> None:
+    (tmp_path / "videos").mkdir()
+    write_damaged_mp4(tmp_path / "videos" / "damaged.mp4")
+    with (SAMPLES / "video_caption.csv").open() as handle:
+        good = list(csv.DictReader(handle))[0]
+    shutil.copy(SAMPLES / good["video"], tmp_path / good["video"])
+    csv_path = _write_csv(tmp_path / "train.csv", [(good["video"], good["caption"]),
+                                                   ("videos/damaged.mp4", good["caption"])])
+    with pytest.warns(UserWarning, match="skipped 1 bad row"):
+        data = VideoCaptionDataset(csv_path, num_frames=4, image_size=(32, 32), batch_size=1)
+    assert len(data) == 1 and data.skipped == {"corrupt video": 1}
 
 
 def test_clip_that_breaks_after_the_scan_is_replaced_and_counted(video_csv: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mindspore as ms
 import pytest
+from damaged_media import write_damaged_mp4
 from numerics import assert_f32_close
 
 from opensora.data.cache_files import load_latent_npz
@@ -64,12 +65,14 @@ def test_cache_holds_unscaled_moments_of_every_frame(clips: Path, vae) -> None:
 
 def test_resumes_and_reports_bad_videos_without_stopping(clips: Path, vae) -> None:
     (clips / "videos" / "broken.mp4").write_bytes(b"not a video at all")
+    write_damaged_mp4(clips / "videos" / "damaged.mp4")  # container intact, stream damaged
     csv_path = write_csv(clips, ["videos/clip_000.mp4", "videos/missing.mp4",
-                                 "videos/broken.mp4", "videos/clip_001.mp4"])
+                                 "videos/broken.mp4", "videos/damaged.mp4",
+                                 "videos/clip_001.mp4"])
     first = cache_latents(csv_path, clips / "out", vae, progress=False)
     assert first.written == 2
     assert [(line, video) for line, video, _ in first.failed] == [
-        (3, "videos/missing.mp4"), (4, "videos/broken.mp4")]
+        (3, "videos/missing.mp4"), (4, "videos/broken.mp4"), (5, "videos/damaged.mp4")]
     assert "missing.mp4" in first.summary() and "line 4" in first.summary()
     done = clips / "out" / "videos" / "clip_000.npz"
     stamp = done.stat().st_mtime_ns

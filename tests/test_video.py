@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from damaged_media import write_damaged_mp4
 from PIL import Image
 
 from opensora.data.video import (
@@ -94,6 +95,13 @@ def test_missing_empty_corrupt_and_short_videos_name_the_file(tmp_path: Path) ->
         read_video(corrupt, 4)
     with pytest.raises(VideoReadError, match=r"clip_000.mp4: need 39 frames .* has 16"):
         read_video(CLIP, num_frames=20, frame_interval=2)
+
+
+def test_a_damaged_stream_is_a_read_error_naming_the_file(tmp_path: Path) -> None:
+    damaged = write_damaged_mp4(tmp_path / "damaged.mp4")
+    for read in (video_info, lambda p: read_video(p, 4)):
+        with pytest.raises(VideoReadError, match="cannot decode .*damaged.mp4"):
+            read(damaged)
 
 
 def test_uint8_conversion_clips_overshoot() -> None:

@@ -99,10 +99,17 @@ class _Batch:
 
 
 def video_info(path: str | os.PathLike) -> VideoInfo:
+    """Frames, fps and size; the first frame is decoded, so a damaged stream is a
+    VideoReadError here (a dataset probe skips and counts it) rather than decord's own error."""
     reader = _open(path)
-    height, width = np.asarray(reader[0].asnumpy() if hasattr(reader[0], "asnumpy")
-                               else reader[0]).shape[:2]
-    return VideoInfo(len(reader), float(reader.get_avg_fps()), int(height), int(width))
+    try:
+        first = reader[0]
+        height, width = np.asarray(first.asnumpy() if hasattr(first, "asnumpy")
+                                   else first).shape[:2]
+        fps = float(reader.get_avg_fps())
+    except Exception as exc:  # decord's DECORDError, raised from C++ for a damaged stream
+        raise VideoReadError(f"cannot decode video {path}: {str(exc).splitlines()[0]}") from exc
+    return VideoInfo(len(reader), fps, int(height), int(width))
 
 
 def frame_indices(total: int, num_frames: int, frame_interval: int = 1,
